@@ -1,0 +1,211 @@
+"""Capture intermediate activations with forward hooks, without leaking hooks or memory.
+
+``capture`` is the one way convscope reads a model's intermediate outputs; the CLI, the
+report, the server and the atlas all go through it (or through :func:`forward_hooks`,
+the hook bookkeeping it is built on).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .errors import close_matches
+from .layers import LayerSpec, resolve_layers
+
+ForwardHook = Callable[[str, nn.Module, tuple, Any], Any]
+
+
+@contextmanager
+def forward_hooks(
+    modules: Mapping[str, nn.Module], hook: ForwardHook
+) -> Iterator[list[RemovableHandle]]:
+    """Register ``hook(name, module, inputs, output)`` on every module; remove them all on
+    exit, also when the body raises. Removal happens in ``finally``, never in ``__del__``."""
+    handles: list[RemovableHandle] = []
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(functools.partial(hook, name)))
+        yield handles
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def preserve_training(model: nn.Module) -> Iterator[nn.Module]:
+    """Restore every submodule's ``training`` flag on exit, whatever the body did."""
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def copy_output(value: Any, to: torch.device | str | None, dtype: torch.dtype | None) -> Any:
+    """Detached copy of a module output, keeping tuple/list/dict structure.
+
+    Always a copy: a later in-place op (VGG's ``ReLU(inplace=True)``, ResNet's
+    ``out += identity``) would otherwise rewrite the stored tensor after the hook ran.
+    Only floating tensors are cast to ``dtype``.
+    """
+    if isinstance(value, torch.Tensor):
+        cast = dtype if dtype is not None and value.is_floating_point() else None
+        return value.detach().to(device=to, dtype=cast, copy=True)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return type(value)(*(copy_output(v, to, dtype) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(copy_output(v, to, dtype) for v in value)
+    if isinstance(value, dict):
+        return type(value)((k, copy_output(v, to, dtype)) for k, v in value.items())
+    return value
+
+
+class Activations(Mapping[str, Any]):
+    """Captured outputs by layer name: ``acts[name]`` is the last call's output and
+    ``acts.calls(name)`` every call's, in order."""
+
+    def __init__(self, modules: Mapping[str, nn.Module]):
+        self.modules: dict[str, nn.Module] = dict(modules)
+        self._calls: dict[str, list[Any]] = {name: [] for name in self.modules}
+
+    def _record(self, name: str, value: Any) -> None:
+        self._calls[name].append(value)
+
+    def _check(self, name: str) -> list[Any]:
+        if name not in self._calls:
+            hint = close_matches(name, self._calls)
+            extra = f"; did you mean {', '.join(map(repr, hint))}?" if hint else ""
+            raise KeyError(f"layer {name!r} was not captured{extra}")
+        return self._calls[name]
+
+    def __getitem__(self, name: str) -> Any:
+        values = self._check(name)
+        if not values:
+            raise KeyError(f"layer {name!r} was selected but did not run in the forward pass")
+        return values[-1]
+
+    def calls(self, name: str) -> list[Any]:
+        """Every output of ``name`` in call order (several for a module reused in forward)."""
+        return list(self._check(name))
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, values in self._calls.items() if values)
+
+    def __len__(self) -> int:
+        return sum(1 for values in self._calls.values() if values)
+
+    def __contains__(self, name: object) -> bool:
+        return bool(self._calls.get(name))  # type: ignore[arg-type]
+
+    @property
+    def names(self) -> list[str]:
+        """The selected layer names in model order, including any that did not run."""
+        return list(self._calls)
+
+    def nbytes(self) -> int:
+        """Bytes held by every stored tensor."""
+        total = 0
+
+        def visit(value: Any) -> None:
+            nonlocal total
+            if isinstance(value, torch.Tensor):
+                total += value.element_size() * value.nelement()
+            elif isinstance(value, (tuple, list)):
+                for item in value:
+                    visit(item)
+            elif isinstance(value, dict):
+                for item in value.values():
+                    visit(item)
+
+        for values in self._calls.values():
+            for value in values:
+                visit(value)
+        return total
+
+    def clear(self) -> None:
+        """Drop every stored output (frees their memory)."""
+        for values in self._calls.values():
+            values.clear()
+
+    def __repr__(self) -> str:
+        parts = []
+        for name in self:
+            value = self[name]
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            parts.append(f"{name}: {shape}")
+        return f"Activations({', '.join(parts)})"
+
+
+@contextmanager
+def capture(
+    model: nn.Module,
+    layers: LayerSpec,
+    *,
+    to: torch.device | str | None = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Iterator[Activations]:
+    """Record the outputs of the selected layers during the forward passes in the body.
+
+    >>> with capture(model, ["features.0", "features.28"]) as acts:
+    ...     model(x)
+    >>> acts["features.0"].shape
+
+    ``layers`` accepts anything :func:`~convscope.layers.resolve_layers` does. Stored
+    values are detached copies taken when the module returned (so later in-place ops do
+    not change them), moved ``to`` a device (``None`` keeps them where they were made) and
+    cast to ``dtype`` when given (``torch.float16`` halves memory). Hooks are removed on
+    exit and on exceptions; the model itself is never modified.
+    """
+    modules = resolve_layers(model, layers)
+    acts = Activations(modules)
+
+    def hook(name: str, _module: nn.Module, _inputs: tuple, output: Any) -> None:
+        acts._record(name, copy_output(output, to, dtype))
+
+    with forward_hooks(modules, hook):
+        yield acts
+
+
+class LayerActivations:
+    """The seed tutorial's hook class, kept API-compatible.
+
+    >>> conv_out = LayerActivations(vgg.features, 0)
+    >>> o = vgg(img)
+    >>> conv_out.remove()
+    >>> act = conv_out.features
+
+    ``layer_num`` may also be a dotted name or any single selector. Unlike the tutorial's
+    version, ``features`` holds the layer's true output even when an in-place ReLU follows.
+    """
+
+    features: Any = None
+
+    def __init__(self, model: nn.Module, layer_num: int | str | nn.Module):
+        modules = resolve_layers(model, layer_num)
+        if len(modules) != 1:
+            raise ValueError(
+                f"LayerActivations takes one layer; {layer_num!r} matched {len(modules)}"
+            )
+        (self.layer_name, self.module), = modules.items()
+        self.hook = self.module.register_forward_hook(self.hook_fn)
+
+    def hook_fn(self, module: nn.Module, input: tuple, output: Any) -> None:  # noqa: A002
+        self.features = copy_output(output, "cpu", None)
+
+    def remove(self) -> None:
+        """Unregister the hook (safe to call twice)."""
+        self.hook.remove()
+
+    def __enter__(self) -> LayerActivations:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()

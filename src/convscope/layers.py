@@ -1,0 +1,371 @@
+"""Layer selection by dotted name, glob, module type or object, and the layer table.
+
+Everything in convscope that takes a ``layers`` argument goes through
+:func:`resolve_layers`, so the same selectors work in the Python API, the CLI and the
+server. :func:`list_layers` runs one forward pass on a dummy input to report each layer's
+output shape and receptive field.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from .errors import UnknownLayerError
+
+#: What a ``layers`` argument may be: one selector or a list of them.
+LayerSelector = Union[str, int, type, nn.Module]
+LayerSpec = Union[LayerSelector, Sequence[LayerSelector]]
+
+_GLOB_CHARS = set("*?[")
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """Dotted names of every submodule of ``model`` (the root excluded), in model order."""
+    return [name for name, _ in model.named_modules() if name]
+
+
+def _is_glob(text: str) -> bool:
+    return any(ch in _GLOB_CHARS for ch in text)
+
+
+def _selector_list(spec: LayerSpec) -> list[LayerSelector]:
+    if isinstance(spec, (str, int, type, nn.Module)):
+        return [spec]
+    if isinstance(spec, Iterable):
+        items = list(spec)
+        if not items:
+            raise ValueError("no layers selected: the layer list is empty")
+        return items
+    raise TypeError(
+        "layers must be a name, glob pattern, module class, module, int or a list of these; "
+        f"got {type(spec).__name__}"
+    )
+
+
+def resolve_layers(model: nn.Module, spec: LayerSpec) -> dict[str, nn.Module]:
+    """Map a layer selector to ``{dotted_name: module}``, in the model's module order.
+
+    ``spec`` may be a dotted name (``"features.28"``), a glob (``"features.*"``,
+    ``"layer4.*.conv?"``), ``"all"`` (every submodule), a module class (``nn.Conv2d``,
+    matched with ``isinstance``), a module object (matched by identity), an int (index of a
+    child, as in ``model[0]``), or a list mixing these. A selector that matches nothing
+    raises :class:`~convscope.errors.UnknownLayerError` with close-match suggestions.
+    """
+    named = [(name, module) for name, module in model.named_modules() if name]
+    by_name = dict(named)
+    chosen: set[str] = set()
+    for selector in _selector_list(spec):
+        chosen.update(_match(model, named, by_name, selector))
+    return {name: module for name, module in named if name in chosen}
+
+
+def _match(
+    model: nn.Module,
+    named: list[tuple[str, nn.Module]],
+    by_name: dict[str, nn.Module],
+    selector: LayerSelector,
+) -> list[str]:
+    names = [name for name, _ in named]
+    if isinstance(selector, bool):
+        raise TypeError("a layer selector cannot be a bool")
+    if isinstance(selector, int):
+        key = str(selector)
+        if key in by_name:
+            return [key]
+        children = [name for name, _ in model.named_children()]
+        raise UnknownLayerError(key, children)
+    if isinstance(selector, str):
+        text = selector.strip()
+        if text == "all":
+            return names
+        if text.endswith(".weight") or text.endswith(".bias"):
+            text = text.rsplit(".", 1)[0]
+        if text in by_name:
+            return [text]
+        if _is_glob(text):
+            hits = fnmatch.filter(names, text)
+            if hits:
+                return hits
+            raise UnknownLayerError(text, names, hint="the glob pattern matched no layer")
+        raise UnknownLayerError(text, names)
+    if isinstance(selector, type) and issubclass(selector, nn.Module):
+        hits = [name for name, module in named if isinstance(module, selector)]
+        if hits:
+            return hits
+        types = sorted({type(module).__name__ for _, module in named})
+        raise UnknownLayerError(
+            selector.__name__, types, hint="no module of this type in the model"
+        )
+    if isinstance(selector, nn.Module):
+        hits = [name for name, module in named if module is selector]
+        if hits:
+            return hits[:1]
+        raise UnknownLayerError(
+            type(selector).__name__, [], hint="this module object is not part of the model"
+        )
+    raise TypeError(
+        "a layer selector must be a name, glob pattern, module class, module or int; "
+        f"got {type(selector).__name__}"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Layer table with output shapes and receptive fields.
+
+
+@dataclass(frozen=True)
+class ReceptiveField:
+    """Where one output position of a layer looks in the input image.
+
+    Position ``(i, j)`` of the layer's output is centred on input pixel
+    ``(start[0] + i * stride[0], start[1] + j * stride[1])`` and covers ``size`` pixels per
+    axis (the theoretical receptive field; it can exceed the image).
+    """
+
+    size: tuple[int, int]
+    stride: tuple[int, int]
+    start: tuple[float, float]
+
+    def box(self, row: int, col: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """Input-pixel box ``(top, left, bottom, right)`` of output position ``(row, col)``,
+        clipped to an image of ``height`` x ``width``; bottom/right are exclusive."""
+        centre_r = self.start[0] + row * self.stride[0]
+        centre_c = self.start[1] + col * self.stride[1]
+        top = math.floor(centre_r - (self.size[0] - 1) / 2)
+        left = math.floor(centre_c - (self.size[1] - 1) / 2)
+        bottom = top + self.size[0]
+        right = left + self.size[1]
+        return (max(top, 0), max(left, 0), min(bottom, height), min(right, width))
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One row of :func:`list_layers`."""
+
+    name: str
+    type: str
+    output_shape: tuple[int, ...] | None
+    params: int
+    calls: int
+    receptive_field: ReceptiveField | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (receptive field as size/stride/start lists)."""
+        row = asdict(self)
+        row["output_shape"] = list(self.output_shape) if self.output_shape else None
+        rf = self.receptive_field
+        row["receptive_field"] = (
+            None
+            if rf is None
+            else {"size": list(rf.size), "stride": list(rf.stride), "start": list(rf.start)}
+        )
+        return row
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        return (int(value[0]), int(value[-1]))
+    return (int(value), int(value))
+
+
+_Field = tuple[tuple[int, int], tuple[int, int], tuple[float, float]]  # size, stride, start
+_IDENTITY_FIELD: _Field = ((1, 1), (1, 1), (0.0, 0.0))
+
+
+def _windowed(
+    field: _Field, kernel: Any, stride: Any, dilation: Any, padding: Any, in_hw: Any, out_hw: Any
+) -> _Field:
+    """Receptive field after a sliding-window layer (conv or pool).
+
+    Padding is inferred from the input and output sizes when the module's own padding
+    attribute is zero but the output is larger than a valid convolution gives: that is how
+    TensorFlow-style "same" convolutions (EfficientNet ports) pad inside ``forward``.
+    """
+    size, jump, start = field
+    k, s, d = _pair(kernel), _pair(stride), _pair(dilation)
+    if isinstance(padding, str):
+        padding = (0, 0) if padding == "valid" else None
+    pad = _pair(padding) if padding is not None else None
+    new_size, new_jump, new_start = [], [], []
+    for axis in range(2):
+        extent = (k[axis] - 1) * d[axis] + 1
+        explicit = pad[axis] if pad is not None else 0
+        implied_total = (out_hw[axis] - 1) * s[axis] + extent - in_hw[axis]
+        left = explicit
+        if (pad is None or explicit == 0) and implied_total > 0:
+            left = implied_total // 2
+        new_size.append(size[axis] + (extent - 1) * jump[axis])
+        new_jump.append(jump[axis] * s[axis])
+        new_start.append(start[axis] + ((extent - 1) / 2 - left) * jump[axis])
+    return (
+        (new_size[0], new_size[1]),
+        (new_jump[0], new_jump[1]),
+        (new_start[0], new_start[1]),
+    )
+
+
+_WINDOW_TYPES = (
+    nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d,
+    nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
+)
+
+
+def _next_field(module: nn.Module, field: _Field, in_hw: Any, out_hw: Any) -> _Field | None:
+    """Receptive field of ``module``'s output given its input's, or None when unknown."""
+    if isinstance(module, nn.Conv2d):
+        return _windowed(
+            field, module.kernel_size, module.stride, module.dilation, module.padding,
+            in_hw, out_hw,
+        )
+    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
+        stride = module.stride if module.stride else module.kernel_size
+        dilation = getattr(module, "dilation", 1)
+        return _windowed(
+            field, module.kernel_size, stride, dilation, module.padding, in_hw, out_hw
+        )
+    if isinstance(module, (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d,
+                           nn.ReplicationPad2d)):
+        left, _, top, _ = module.padding
+        size, jump, start = field
+        return (size, jump, (start[0] - top * jump[0], start[1] - left * jump[1]))
+    if tuple(in_hw) == tuple(out_hw):
+        return field  # pointwise in space: norms, activations, 1x1 adaptive identity
+    return None
+
+
+def list_layers(
+    model: nn.Module,
+    input_size: Sequence[int] | None = (3, 224, 224),
+    *,
+    example_input: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> list[LayerInfo]:
+    """Table of every submodule: name, type, output shape, parameters, receptive field.
+
+    Runs one forward pass of a zero batch of ``input_size`` (C, H, W) in eval mode under
+    ``torch.no_grad`` (training flags are restored afterwards) and records, for each module,
+    the output shape of its last call and how often it ran. Receptive fields are tracked
+    through conv, pooling and padding layers for every module with a spatial (4D) output;
+    branches joined by functional ops (residual adds) inherit the field of the most recent
+    module output of the same spatial size, which is the larger, main path in ResNets and
+    EfficientNets. Modules the forward pass never reached have ``output_shape=None``.
+    With ``input_size=None`` and no ``example_input``, only names, types and parameter
+    counts are reported.
+    """
+    named = [(name, module) for name, module in model.named_modules() if name]
+    params = {
+        name: sum(p.numel() for p in module.parameters()) for name, module in named
+    }
+    shapes: dict[str, tuple[int, ...]] = {}
+    calls: dict[str, int] = {}
+    fields: dict[str, _Field | None] = {}
+
+    if example_input is not None or input_size is not None:
+        if example_input is None:
+            if device is None:
+                first = next(model.parameters(), None)
+                device = first.device if first is not None else "cpu"
+            example_input = torch.zeros((1, *input_size), device=device)
+        _trace(model, named, example_input, shapes, calls, fields)
+
+    return [
+        LayerInfo(
+            name=name,
+            type=type(module).__name__,
+            output_shape=shapes.get(name),
+            params=params[name],
+            calls=calls.get(name, 0),
+            receptive_field=_to_rf(fields.get(name)),
+        )
+        for name, module in named
+    ]
+
+
+def _to_rf(field: _Field | None) -> ReceptiveField | None:
+    if field is None:
+        return None
+    size, stride, start = field
+    return ReceptiveField(size=size, stride=stride, start=start)
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    if isinstance(value, dict):
+        for item in value.values():
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _trace(
+    model: nn.Module,
+    named: list[tuple[str, nn.Module]],
+    example: torch.Tensor,
+    shapes: dict[str, tuple[int, ...]],
+    calls: dict[str, int],
+    fields: dict[str, _Field | None],
+) -> None:
+    """One forward pass that records shapes and propagates receptive fields."""
+    from .capture import forward_hooks, preserve_training
+
+    input_hw = tuple(example.shape[-2:]) if example.dim() == 4 else None
+    # id(tensor) -> (tensor kept alive so the id stays unique, its field)
+    known: dict[int, tuple[torch.Tensor, _Field | None]] = {}
+    if input_hw is not None:
+        known[id(example)] = (example, _IDENTITY_FIELD)
+    recent: list[tuple[tuple[int, int], _Field]] = []  # (spatial size, field), newest last
+    leaf = {name: not any(True for _ in module.children()) for name, module in named}
+
+    def field_of(tensor: torch.Tensor | None) -> _Field | None:
+        if tensor is None or tensor.dim() != 4:
+            return None
+        entry = known.get(id(tensor))
+        if entry is not None and entry[0] is tensor:
+            return entry[1]
+        hw = tuple(tensor.shape[-2:])
+        for spatial, field in reversed(recent):
+            if spatial == hw:
+                return field
+        return _IDENTITY_FIELD if hw == input_hw and not recent else None
+
+    def hook(name: str, module: nn.Module, inputs: tuple, output: Any) -> None:
+        out = _first_tensor(output)
+        calls[name] = calls.get(name, 0) + 1
+        if out is not None:
+            shapes[name] = tuple(out.shape[1:])
+        src = _first_tensor(inputs)
+        field: _Field | None = None
+        if out is not None and out.dim() == 4 and src is not None and src.dim() == 4:
+            if leaf[name] or isinstance(module, _WINDOW_TYPES):
+                in_field = field_of(src)
+                if in_field is not None:
+                    field = _next_field(
+                        module, in_field, tuple(src.shape[-2:]), tuple(out.shape[-2:])
+                    )
+            else:
+                # A container returns its last child's tensor (already known) or the result
+                # of a functional op such as a residual add: take the newest field of that
+                # spatial size, which is the main path's.
+                field = field_of(out)
+        fields[name] = field
+        if out is not None and field is not None:
+            known[id(out)] = (out, field)
+            recent.append((tuple(out.shape[-2:]), field))
+
+    with preserve_training(model), torch.no_grad(), forward_hooks(dict(named), hook):
+        model.eval()
+        model(example)
