@@ -1,0 +1,1 @@
+"""Pure rendering functions: tensors in, images out. Nothing here runs a model."""
