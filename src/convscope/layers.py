@@ -155,10 +155,13 @@ class LayerInfo:
     params: int
     calls: int
     receptive_field: ReceptiveField | None
+    #: The receptive field of every call, for modules run several times per forward.
+    call_fields: tuple[ReceptiveField | None, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (receptive field as size/stride/start lists)."""
         row = asdict(self)
+        del row["call_fields"]
         row["output_shape"] = list(self.output_shape) if self.output_shape else None
         rf = self.receptive_field
         row["receptive_field"] = (
@@ -265,7 +268,7 @@ def list_layers(
     }
     shapes: dict[str, tuple[int, ...]] = {}
     calls: dict[str, int] = {}
-    fields: dict[str, _Field | None] = {}
+    fields: dict[str, list[_Field | None]] = {}
 
     if example_input is not None or input_size is not None:
         if example_input is None:
@@ -282,7 +285,8 @@ def list_layers(
             output_shape=shapes.get(name),
             params=params[name],
             calls=calls.get(name, 0),
-            receptive_field=_to_rf(fields.get(name)),
+            receptive_field=_to_rf(fields[name][-1]) if fields.get(name) else None,
+            call_fields=tuple(_to_rf(field) for field in fields.get(name, [])),
         )
         for name, module in named
     ]
@@ -317,7 +321,7 @@ def _trace(
     example: torch.Tensor,
     shapes: dict[str, tuple[int, ...]],
     calls: dict[str, int],
-    fields: dict[str, _Field | None],
+    fields: dict[str, list[_Field | None]],
 ) -> None:
     """One forward pass that records shapes and propagates receptive fields."""
     from .capture import forward_hooks, preserve_training
@@ -361,7 +365,7 @@ def _trace(
                 # of a functional op such as a residual add: take the newest field of that
                 # spatial size, which is the main path's.
                 field = field_of(out)
-        fields[name] = field
+        fields.setdefault(name, []).append(field)
         if out is not None and field is not None:
             known[id(out)] = (out, field)
             recent.append((tuple(out.shape[-2:]), field))
@@ -369,3 +373,73 @@ def _trace(
     with preserve_training(model), torch.no_grad(), forward_hooks(dict(named), hook):
         model.eval()
         model(example)
+
+
+# --------------------------------------------------------------------------------------
+# Execution order: which layers run, in which order (for picking overview layers).
+
+_ACTIVATIONS = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Hardswish, nn.Hardtanh, nn.Softplus, nn.Tanh,
+)
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """One call of a leaf module during a forward pass (``call`` counts from 0)."""
+
+    name: str
+    call: int
+    type: str
+    output_shape: tuple[int, ...] | None = None
+
+
+def execution_order(model: nn.Module, example: torch.Tensor) -> list[LayerCall]:
+    """Leaf modules in the order the forward pass of ``example`` calls them (eval mode,
+    no gradients; training flags restored)."""
+    from .capture import forward_hooks, preserve_training
+
+    leaves = {name: module for name, module in model.named_modules()
+              if name and not any(True for _ in module.children())}
+    # Conv subclasses with a padding child (TF-style "same" convs) still count as convs.
+    leaves.update({name: module for name, module in model.named_modules()
+                   if name and isinstance(module, nn.Conv2d)})
+    order: list[LayerCall] = []
+    seen: dict[str, int] = {}
+
+    def hook(name: str, module: nn.Module, _inputs: tuple, output: Any) -> None:
+        out = _first_tensor(output)
+        shape = tuple(out.shape[1:]) if out is not None else None
+        order.append(LayerCall(name, seen.get(name, 0), type(module).__name__, shape))
+        seen[name] = seen.get(name, 0) + 1
+
+    with preserve_training(model), torch.no_grad(), forward_hooks(leaves, hook):
+        model.eval()
+        model(example)
+    return order
+
+
+def overview_layers(model: nn.Module, example: torch.Tensor) -> dict[str, LayerCall]:
+    """The seed tutorial's four views: ``first_conv``, ``middle_conv``, ``last_conv`` (2D
+    convolutions in call order) and ``first_activation`` (the first activation function
+    called after the first conv, with its call index when the module is reused)."""
+    modules = dict(model.named_modules())
+    order = execution_order(model, example)
+    convs: list[LayerCall] = []
+    for call in order:
+        spatial = call.output_shape is not None and len(call.output_shape) == 3 and (
+            call.output_shape[1] * call.output_shape[2] > 1
+        )  # skips squeeze-excitation convs on 1x1 maps
+        if (isinstance(modules[call.name], nn.Conv2d) and spatial
+                and all(c.name != call.name for c in convs)):
+            convs.append(call)
+    if not convs:
+        raise ValueError("the model ran no 2D convolution on this input")
+    picked = {"first_conv": convs[0], "middle_conv": convs[len(convs) // 2],
+              "last_conv": convs[-1]}
+    start = order.index(convs[0])
+    for call in order[start + 1:]:
+        if isinstance(modules[call.name], _ACTIVATIONS):
+            picked["first_activation"] = call
+            break
+    return picked

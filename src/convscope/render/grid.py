@@ -106,7 +106,7 @@ def layout(tiles: np.ndarray, cols: int, pad: int, pad_color: Sequence[int] = PA
 def _draw_labels(image: Image.Image, labels: Sequence[str], cols: int, height: int, width: int,
                  pad: int) -> None:
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=max(8, min(14, height // 3)))
+    font = ImageFont.load_default(size=max(8, min(12, height // 4)))
     for position, text in enumerate(labels):
         row, col = divmod(position, cols)
         top, left = pad + row * (height + pad), pad + col * (width + pad)

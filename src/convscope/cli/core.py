@@ -1,0 +1,210 @@
+"""Core subcommands: ``activations``, ``filters``, ``layers``, ``models`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from .common import add_grid_args, add_model_args, grid_kwargs, load_model_from_args
+from .progress import Steps
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the core subcommands."""
+    p = subparsers.add_parser(
+        "activations", help="draw the feature maps of one or more layers for an image",
+        description="Run IMAGE through the model and write one PNG grid per selected layer.",
+    )
+    p.add_argument("image", help="image path or sample:NAME (chelsea, coffee, rocket, astronaut)")
+    add_model_args(p)
+    p.add_argument("--layer", "-l", action="append", required=True,
+                   help="dotted name (features.28), glob (features.*) or 'all'; repeatable")
+    p.add_argument("--call", type=int, default=-1,
+                   help="which call of a module run several times per forward (default last)")
+    p.add_argument("--out", "-o", required=True,
+                   help="output folder (one LAYER.png each), or a .png file for one layer")
+    add_grid_args(p)
+    p.set_defaults(func=run_activations)
+
+    p = subparsers.add_parser("filters", help="draw the convolution filters of a layer")
+    add_model_args(p)
+    p.add_argument("--layer", "-l", required=True, help="conv layer name (features.0)")
+    p.add_argument("--out", "-o", required=True, help="output .png")
+    p.add_argument("--mode", choices=["auto", "rgb", "mean", "channels"], default="auto",
+                   help="rgb patches (3 input channels), mean over inputs, or one per channel")
+    p.add_argument("--max-filters", type=int, help="draw only the first N filters")
+    p.add_argument("--max-channels", type=int, default=16,
+                   help="input channels per filter in --mode channels (16)")
+    p.add_argument("--tile-size", type=int, default=48, help="pixels per filter tile (48)")
+    p.set_defaults(func=run_filters)
+
+    p = subparsers.add_parser("layers", help="list a model's layers with shapes and receptive fields")
+    add_model_args(p, positional=True)
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                   help="input size (default: the model's, usually 3 224 224)")
+    p.add_argument("--filter", help="show only layers matching this glob, e.g. 'features.*'")
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    p.set_defaults(func=run_layers)
+
+    p = subparsers.add_parser("models", help="list the model names convscope can load")
+    p.set_defaults(func=run_models)
+
+    p = subparsers.add_parser(
+        "demo", help="the seed tutorial's figures on the bundled pretrained model (offline)",
+        description="Top-5 predictions and activation/filter figures with an index.html.",
+    )
+    add_model_args(p)
+    p.add_argument("--image", default="sample:chelsea", help="image (default sample:chelsea)")
+    p.add_argument("--out", "-o", default="demo-out", help="output folder (demo-out)")
+    p.set_defaults(func=run_demo)
+
+
+def _safe_name(layer: str, call: int | None = None) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", layer)
+    return f"{stem}.call{call}" if call is not None else stem
+
+
+def _first_tensor(value: Any) -> Any:
+    from convscope.layers import _first_tensor as first
+
+    return first(value)
+
+
+def run_activations(args: argparse.Namespace) -> int:
+    """``convscope activations``."""
+    import torch
+
+    from convscope.capture import capture
+    from convscope.errors import ConvscopeError
+    from convscope.images import load_image
+    from convscope.layers import resolve_layers
+    from convscope.render.grid import feature_grid
+
+    steps = Steps(4)
+    with steps.step("loading image"):
+        image = load_image(args.image)
+    with steps.step(f"loading model {args.model}"):
+        model = load_model_from_args(args)
+        modules = resolve_layers(model.module, args.layer)
+    out = Path(args.out)
+    single_file = out.suffix.lower() == ".png"
+    if single_file and len(modules) != 1:
+        raise ConvscopeError(
+            f"--out {out} is one file but {len(modules)} layers were selected; give a folder"
+        )
+    with steps.step(f"forward pass, capturing {len(modules)} layer(s)"), torch.no_grad():
+        with capture(model.module, list(modules)) as acts:
+            model.module(model.preprocess(image))
+    written, skipped = [], []
+    with steps.step("rendering grids"):
+        if not single_file:
+            out.mkdir(parents=True, exist_ok=True)
+        for name in modules:
+            calls = acts.calls(name)
+            if not calls:
+                skipped.append(f"{name} (not called)")
+                continue
+            try:
+                value = _first_tensor(calls[args.call])
+            except IndexError:
+                raise ConvscopeError(
+                    f"--call {args.call}: {name} ran {len(calls)} time(s) in the forward pass"
+                ) from None
+            if value is None or value.dim() != 4:
+                shape = tuple(value.shape) if value is not None else None
+                skipped.append(f"{name} (output {shape} has no spatial map)")
+                continue
+            image_out = feature_grid(value[0], **grid_kwargs(args))
+            path = out if single_file else out / f"{_safe_name(name)}.png"
+            image_out.save(path)
+            written.append(path)
+    for path in written:
+        print(path)
+    for reason in skipped:
+        print(f"skipped {reason}", file=sys.stderr)
+    if not written:
+        raise ConvscopeError("no selected layer has a spatial (N, C, H, W) output to draw")
+    return 0
+
+
+def run_filters(args: argparse.Namespace) -> int:
+    """``convscope filters``."""
+    from convscope.filters import conv_filters
+    from convscope.render.grid import filter_grid
+
+    model = load_model_from_args(args)
+    weights = conv_filters(model.module, args.layer)
+    image = filter_grid(weights, mode=args.mode, max_filters=args.max_filters,
+                        max_channels=args.max_channels, tile_size=args.tile_size)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    print(out)
+    return 0
+
+
+def _format_rf(rf: Any) -> tuple[str, str]:
+    if rf is None:
+        return "", ""
+    size = str(rf.size[0]) if rf.size[0] == rf.size[1] else f"{rf.size[0]}x{rf.size[1]}"
+    stride = str(rf.stride[0]) if rf.stride[0] == rf.stride[1] else f"{rf.stride[0]}x{rf.stride[1]}"
+    return size, stride
+
+
+def run_layers(args: argparse.Namespace) -> int:
+    """``convscope layers``."""
+    import fnmatch
+
+    from convscope.layers import list_layers
+
+    model = load_model_from_args(args)
+    size = tuple(args.input_size) if args.input_size else model.input_size
+    rows = list_layers(model.module, size)
+    if args.filter:
+        rows = [row for row in rows if fnmatch.fnmatch(row.name, args.filter)]
+    if args.json:
+        json.dump([row.as_dict() for row in rows], sys.stdout, indent=1)
+        print()
+        return 0
+    table = [("name", "type", "output", "params", "rf", "stride")]
+    for row in rows:
+        shape = "x".join(map(str, row.output_shape)) if row.output_shape else "-"
+        rf_size, rf_stride = _format_rf(row.receptive_field)
+        table.append((row.name, row.type, shape, f"{row.params:,}", rf_size, rf_stride))
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    print(f"# {model.name}, input {'x'.join(map(str, size))}")
+    for line in table:
+        print("  ".join(cell.ljust(width) if i < 2 else cell.rjust(width)
+                        for i, (cell, width) in enumerate(zip(line, widths))).rstrip())
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    """``convscope models``."""
+    from convscope.models import BUNDLED, torchvision_names
+
+    print(f"{BUNDLED}  (bundled, ImageNet-pretrained, offline)")
+    for name in torchvision_names():
+        print(name)
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """``convscope demo``: top-5 and the seed tutorial's figures with an index.html."""
+    from convscope.demo import write_demo
+
+    steps = Steps(6)
+    with steps.step(f"loading model {args.model}"):
+        model = load_model_from_args(args)
+    result = write_demo(model, args.image, Path(args.out), steps=steps)
+    print(f"model: {result.model_name}")
+    print(f"image: {args.image}")
+    print("top-5:")
+    for prediction in result.predictions:
+        print(f"  {prediction.probability:6.1%}  {prediction.label} ({prediction.index})")
+    print(f"figures: {result.index_html}")
+    return 0
