@@ -18,9 +18,9 @@ except PackageNotFoundError:  # running from a source tree without installing
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     # capture and layers
-    "capture": "convscope.capture",
-    "Activations": "convscope.capture",
-    "LayerActivations": "convscope.capture",
+    "capture": "convscope.hooks",
+    "Activations": "convscope.hooks",
+    "LayerActivations": "convscope.hooks",
     "list_layers": "convscope.layers",
     "resolve_layers": "convscope.layers",
     "LayerInfo": "convscope.layers",

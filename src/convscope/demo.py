@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .capture import capture
+from .hooks import capture
 from .filters import conv_filters
 from .images import load_image
 from .layers import LayerCall, list_layers, overview_layers

@@ -324,7 +324,7 @@ def _trace(
     fields: dict[str, list[_Field | None]],
 ) -> None:
     """One forward pass that records shapes and propagates receptive fields."""
-    from .capture import forward_hooks, preserve_training
+    from .hooks import forward_hooks, preserve_training
 
     input_hw = tuple(example.shape[-2:]) if example.dim() == 4 else None
     # id(tensor) -> (tensor kept alive so the id stays unique, its field)
@@ -397,7 +397,7 @@ class LayerCall:
 def execution_order(model: nn.Module, example: torch.Tensor) -> list[LayerCall]:
     """Leaf modules in the order the forward pass of ``example`` calls them (eval mode,
     no gradients; training flags restored)."""
-    from .capture import forward_hooks, preserve_training
+    from .hooks import forward_hooks, preserve_training
 
     leaves = {name: module for name, module in model.named_modules()
               if name and not any(True for _ in module.children())}

@@ -78,7 +78,7 @@ def run_activations(args: argparse.Namespace) -> int:
     """``convscope activations``."""
     import torch
 
-    from convscope.capture import capture
+    from convscope.hooks import capture
     from convscope.errors import ConvscopeError
     from convscope.images import load_image
     from convscope.layers import resolve_layers
