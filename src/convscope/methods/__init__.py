@@ -1,0 +1,1 @@
+"""Attribution: class activation maps, gradient saliency and their sanity checks."""

@@ -1,0 +1,432 @@
+"""Class activation maps: which regions of the input a layer's features use for a class.
+
+``cam(model, x)`` runs one forward pass with a forward hook on the chosen layer and, for the
+gradient methods, one ``torch.autograd.grad`` from the target score to that layer's output.
+
+Why gradients are taken w.r.t. the stored forward output, not with module backward hooks:
+a module's backward hook reports the gradient of whatever tensor the module returned, and
+when an in-place op follows (VGG's ``ReLU(inplace=True)`` after ``features.28``, ResNet's
+``out += identity``) that tensor is rewritten after the hook ran: the hook then pairs the
+post-ReLU gradient with a pre- or post-ReLU activation depending on timing. The hook here
+keeps the true output ``a`` and hands the rest of the network a clone of it, so in-place ops
+modify the clone and ``autograd.grad(score, a)`` is exactly d score / d output. A module
+called several times (EfficientNet-Lite's shared ``_swish``) is handled by counting calls:
+``call=-1`` (default) explains the last call, ``call=0`` the first.
+
+Methods (weights ``w_k`` of the activation maps ``A_k``; ``g = d score / d A``):
+
+* ``gradcam`` (Selvaraju et al., 2017): ``w_k = mean(g_k)``; ``relu(sum_k w_k A_k)``.
+* ``gradcam++`` (Chattopadhyay et al., 2018), the paper's closed form:
+  ``alpha = g^2 / (2 g^2 + sum_ab(A_k) g^3)``, ``w_k = sum(alpha * relu(g_k))``.
+* ``xgradcam`` (Fu et al., 2020): ``w_k = sum(g_k A_k) / sum(A_k)``.
+* ``layercam`` (Jiang et al., 2021): ``relu(sum_k relu(g_k) A_k)`` (element-wise weights).
+* ``scorecam`` (Wang et al., 2020): each channel, min-max normalised and upsampled, masks
+  the input; ``w = softmax_k(score(x * M_k))``. One forward per channel, batched.
+* ``fasterscorecam`` (Faster Score-CAM): Score-CAM over only the ``top_channels`` channels
+  with the largest spatial variance; an approximation, so it has its own name.
+* ``ablationcam`` (Desai & Ramaswamy, 2020): ``w_k = (y - y_k) / y`` where ``y_k`` is the
+  score with channel ``k`` set to zero. One forward per channel, batched.
+* ``eigencam`` (Muhammad & Yeasin, 2020): projection of the mean-centred activations on
+  their first principal component (no target, no gradient); the sign is chosen so the
+  map correlates positively with the mean activation (SVD's sign is arbitrary).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import TargetError, UnknownNameError
+from ..hooks import forward_hooks
+from ..layers import resolve_layers
+from .common import borrowed, check_finite, check_input, chunks, log, normalize, upsample
+from .targets import (
+    AttributionError,
+    ClassTarget,
+    LayerOutputError,
+    OutputSpec,
+    TargetSpec,
+    _PerSample,
+    resolve_targets,
+    select_output,
+    unwrap_model,
+)
+
+GRADIENT_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam")
+SCORE_METHODS = ("scorecam", "fasterscorecam", "ablationcam")
+METHODS = (*GRADIENT_METHODS, *SCORE_METHODS, "eigencam")
+_ALIASES = {"grad-cam": "gradcam", "gradcampp": "gradcam++", "grad-cam++": "gradcam++",
+            "score-cam": "scorecam", "faster-scorecam": "fasterscorecam",
+            "ablation-cam": "ablationcam", "eigen-cam": "eigencam", "layer-cam": "layercam",
+            "xgrad-cam": "xgradcam"}
+
+
+class UnknownMethodError(UnknownNameError):
+    """A CAM method name that convscope does not implement."""
+
+    kind = "CAM method"
+    hint = "one of " + ", ".join(METHODS)
+
+
+def method_name(method: str) -> str:
+    """Canonical method name (case-insensitive, a few spellings accepted)."""
+    key = str(method).strip().lower().replace("_", "")
+    key = _ALIASES.get(key, key)
+    if key not in METHODS:
+        raise UnknownMethodError(method, METHODS)
+    return key
+
+
+# --------------------------------------------------------------------------------------
+# Layer choice
+
+
+def _spatial(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.ndim == 4 and value.shape[2] * value.shape[3] > 1
+
+
+@torch.no_grad()
+def default_layer(model: nn.Module, x: torch.Tensor) -> str:
+    """Name of the last module (in execution order) whose output is an (N, C, H, W) map
+    with more than one position: the usual CAM layer (ResNet ``layer4``, VGG ``features``)."""
+    module, _ = unwrap_model(model)
+    modules = {name: m for name, m in module.named_modules() if name}
+    finished: list[str] = []
+
+    def hook(name: str, _m: nn.Module, _i: tuple, output: Any) -> None:
+        if _spatial(output):
+            finished.append(name)
+
+    probe = check_input(x, module)[:1]
+    with borrowed(module, what="layer search"), forward_hooks(modules, hook):
+        module(probe)
+    if not finished:
+        raise LayerOutputError(
+            "no layer of the model returns a spatial (N, C, H, W) map larger than 1x1, so "
+            "there is nothing to localise; pass layer= explicitly"
+        )
+    return finished[-1]
+
+
+def _one_layer(module: nn.Module, layer: Any, x: torch.Tensor) -> tuple[str, nn.Module]:
+    if layer is None:
+        name = default_layer(module, x)
+        log.info("cam: using layer %r (the last layer with a spatial output)", name)
+        return name, dict(module.named_modules())[name]
+    found = resolve_layers(module, layer)
+    if len(found) != 1:
+        raise LayerOutputError(
+            f"cam explains one layer; {layer!r} matched {len(found)}: "
+            + ", ".join(list(found)[:8])
+        )
+    return next(iter(found.items()))
+
+
+# --------------------------------------------------------------------------------------
+# The forward pass that keeps the layer's true output
+
+
+@dataclass
+class _Probe:
+    """Forward hook state: which call to keep, and the outputs kept."""
+
+    name: str
+    call: int
+    grad: bool
+    count: int = 0
+    kept: list[torch.Tensor] = field(default_factory=list)
+
+    def __call__(self, _name: str, _module: nn.Module, _inputs: tuple, output: Any) -> Any:
+        index = self.count
+        self.count += 1
+        if self.call >= 0 and index != self.call:
+            return None
+        if not isinstance(output, torch.Tensor) or output.ndim != 4:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise LayerOutputError(
+                f"layer {self.name!r} returns {shape}, not an (N, C, H, W) feature map; "
+                "choose a convolutional layer (convscope.list_layers(model) shows the shapes)"
+            )
+        if not self.grad:
+            self.kept.append(output.detach().clone())
+            return None
+        # The first kept call starts the graph (parameters do not require grad, so nothing
+        # before the layer is recorded); later calls are nodes inside it.
+        kept = output if output.requires_grad else output.detach().requires_grad_(True)
+        self.kept.append(kept)
+        # Downstream modules get a copy: an in-place op after this layer modifies the copy,
+        # never the tensor we differentiate and read.
+        return kept.clone()
+
+    def chosen(self) -> torch.Tensor:
+        if self.count == 0:
+            raise LayerOutputError(f"layer {self.name!r} did not run in the forward pass")
+        if self.call >= 0:
+            if self.call >= self.count:
+                raise LayerOutputError(
+                    f"layer {self.name!r} ran {self.count} time(s) per forward pass; "
+                    f"call={self.call} does not exist (use 0..{self.count - 1} or -1)"
+                )
+            return self.kept[0]
+        if -self.call > self.count:
+            raise LayerOutputError(
+                f"layer {self.name!r} ran {self.count} time(s) per forward pass; call={self.call}"
+                " does not exist"
+            )
+        return self.kept[self.call]
+
+
+def _forward(module: nn.Module, layer: tuple[str, nn.Module], x: torch.Tensor, call: int,
+             grad: bool) -> tuple[Any, torch.Tensor, int]:
+    """``(model output, layer output of the chosen call, number of calls)``."""
+    probe = _Probe(layer[0], call, grad)
+    with forward_hooks({layer[0]: layer[1]}, probe), torch.set_grad_enabled(grad):
+        raw = module(x)
+    return raw, probe.chosen(), probe.count
+
+
+def _scores(target: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor,
+            n: int) -> torch.Tensor:
+    scores = target(logits)
+    if not isinstance(scores, torch.Tensor) or scores.shape != (n,):
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise AttributionError(
+            f"a target must return one score per sample, shape ({n},); got {shape}"
+        )
+    return scores
+
+
+def _row_scores(target: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor,
+                samples: torch.Tensor) -> torch.Tensor:
+    """Score of each row of ``logits`` for the target of the sample it came from."""
+    if isinstance(target, ClassTarget):
+        return target(logits)
+    if isinstance(target, _PerSample):
+        out = logits.new_empty(logits.shape[0])
+        for s in samples.unique().tolist():
+            rows = (samples == s).nonzero().flatten()
+            out[rows] = target.targets[s](logits[rows])
+        return out
+    return _scores(target, logits, logits.shape[0])
+
+
+# --------------------------------------------------------------------------------------
+# Weights
+
+
+def _gradient_cam(method: str, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    dims = (2, 3)
+    if method == "gradcam":
+        weights = grads.mean(dim=dims, keepdim=True)
+        return torch.relu((weights * acts).sum(dim=1))
+    if method == "gradcam++":
+        g2 = grads.pow(2)
+        g3 = g2 * grads
+        denom = 2 * g2 + acts.sum(dim=dims, keepdim=True) * g3
+        alpha = torch.where(grads != 0, g2 / torch.where(denom != 0, denom, 1.0), 0.0)
+        weights = (alpha * torch.relu(grads)).sum(dim=dims, keepdim=True)
+        return torch.relu((weights * acts).sum(dim=1))
+    if method == "xgradcam":
+        total = acts.sum(dim=dims, keepdim=True)
+        weights = (grads * acts).sum(dim=dims, keepdim=True) / (total + 1e-7)
+        return torch.relu((weights * acts).sum(dim=1))
+    if method == "layercam":
+        return torch.relu((torch.relu(grads) * acts).sum(dim=1))
+    raise AssertionError(method)  # unreachable: method_name() validated it
+
+
+def _eigen_cam(acts: torch.Tensor) -> torch.Tensor:
+    maps = []
+    for a in acts.double():
+        c, h, w = a.shape
+        flat = a.reshape(c, h * w).T  # positions x channels
+        centred = flat - flat.mean(dim=0, keepdim=True)
+        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+        projection = (centred @ vh[0]).reshape(h, w)
+        mean_map = a.mean(dim=0)
+        if ((projection - projection.mean()) * (mean_map - mean_map.mean())).sum() < 0:
+            projection = -projection
+        maps.append(torch.relu(projection))
+    return torch.stack(maps).to(acts.dtype)
+
+
+@torch.no_grad()
+def _score_cam(module: nn.Module, layer: tuple[str, nn.Module], x: torch.Tensor,
+               acts: torch.Tensor, target: Callable, output: OutputSpec, batch_size: int,
+               top_channels: int | None) -> torch.Tensor:
+    n, c = acts.shape[:2]
+    flat = acts.reshape(n, c, -1)
+    low = flat.min(dim=2, keepdim=True).values
+    span = flat.max(dim=2, keepdim=True).values - low
+    masks = ((flat - low) / (span + 1e-8)).reshape(acts.shape)
+    if top_channels is not None:
+        k = max(1, min(int(top_channels), c))
+        channels = acts.reshape(n, c, -1).var(dim=2).topk(k, dim=1).indices  # (n, k)
+    else:
+        channels = torch.arange(c, device=acts.device).expand(n, c)
+    k = channels.shape[1]
+    samples = torch.arange(n, device=acts.device).repeat_interleave(k)
+    picked = channels.reshape(-1)
+    scores = acts.new_empty(n * k)
+    size = tuple(x.shape[-2:])
+    for part in chunks(n * k, batch_size):
+        mask = upsample(masks[samples[part], picked[part]], size)
+        masked = x[samples[part]] * mask[:, None]
+        logits = select_output(module(masked), output)
+        scores[part] = _row_scores(target, logits, samples[part]).to(scores.dtype)
+    weights = torch.softmax(scores.reshape(n, k), dim=1)
+    chosen = acts.gather(1, channels[:, :, None, None].expand(n, k, *acts.shape[2:]))
+    return torch.relu((weights[:, :, None, None] * chosen).sum(dim=1))
+
+
+@torch.no_grad()
+def _ablation_cam(module: nn.Module, layer: tuple[str, nn.Module], x: torch.Tensor,
+                  acts: torch.Tensor, call: int, base: torch.Tensor, target: Callable,
+                  output: OutputSpec, batch_size: int) -> torch.Tensor:
+    n, c = acts.shape[:2]
+    samples = torch.arange(n, device=x.device).repeat_interleave(c)
+    channels = torch.arange(c, device=x.device).repeat(n)
+    scores = acts.new_empty(n * c)
+    state = {"count": 0, "channels": channels[:0]}
+
+    def hook(_name: str, _m: nn.Module, _i: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        index = state["count"]
+        state["count"] += 1
+        if index != call:
+            return None
+        ablated = output.clone()
+        ablated[torch.arange(ablated.shape[0]), state["channels"]] = 0
+        return ablated
+
+    with forward_hooks({layer[0]: layer[1]}, hook):
+        for part in chunks(n * c, batch_size):
+            state["count"] = 0
+            state["channels"] = channels[part]
+            logits = select_output(module(x[samples[part]]), output)
+            scores[part] = _row_scores(target, logits, samples[part]).to(scores.dtype)
+    y = base.to(scores.dtype)[samples]
+    weights = ((y - scores) / torch.where(y != 0, y, 1e-7)).reshape(n, c)
+    return torch.relu((weights[:, :, None, None] * acts).sum(dim=1))
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+
+
+def cam(
+    model: Any,
+    x: torch.Tensor,
+    *,
+    layer: Any = None,
+    target: TargetSpec = None,
+    method: str = "gradcam",
+    call: int = -1,
+    output: OutputSpec = None,
+    batch_size: int = 32,
+    top_channels: int = 10,
+    return_raw: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Class activation maps ``(N, H, W)`` in [0, 1] at the input's size.
+
+    >>> maps = convscope.cam(model, x, layer="layer4", target=281)
+    >>> maps, raw = convscope.cam(loaded, x, target="tiger cat", return_raw=True)
+
+    ``model`` is an ``nn.Module`` or a ``LoadedModel`` (whose class names resolve string
+    targets). ``layer`` is any single selector :func:`~convscope.resolve_layers` accepts;
+    None picks the last layer with a spatial output and logs which. ``target``: None (each
+    sample's top-1 class), an int, a class name, a list (one per sample) or a callable
+    ``output -> (N,)`` such as :class:`ClassTarget`. ``method``: one of
+    :data:`METHODS` (see the module docstring). ``call`` picks which call of a module that
+    runs several times per forward pass (-1: the last). ``output`` picks the logits when the
+    model returns a tuple/dict. ``batch_size`` bounds the samples per forward pass (the
+    masked or ablated copies for Score-/Ablation-CAM). ``top_channels`` is Faster
+    Score-CAM's channel count. With ``return_raw`` the layer-resolution maps (after the
+    ReLU, before scaling) come back too: ``(maps, raw)``.
+
+    The model is left as it was: training flags, ``requires_grad``, ``.grad`` and hooks.
+    A model in training mode is explained in eval mode, with a warning.
+    """
+    kind = method_name(method)
+    module, class_names = unwrap_model(model)
+    x = check_input(x, module)
+    chosen = _one_layer(module, layer, x)
+    if isinstance(target, (list, tuple)) and len(target) != x.shape[0]:
+        raise TargetError(
+            f"{len(target)} targets were given for a batch of {x.shape[0]} samples; give "
+            "one per sample, or a single target for all"
+        )
+    raws = []
+    with borrowed(module, what="class activation map"):
+        for part in chunks(x.shape[0], batch_size):
+            part_target = list(target)[part] if isinstance(target, (list, tuple)) else target
+            raw = _cam_batch(module, chosen, x[part], kind, part_target, call, output,
+                             class_names, batch_size, top_channels)
+            raws.append(raw.detach())
+    raw_maps = torch.cat(raws)
+    maps = normalize(upsample(raw_maps.float(), tuple(x.shape[-2:])))
+    return (maps, raw_maps) if return_raw else maps
+
+
+def _cam_batch(module: nn.Module, layer: tuple[str, nn.Module], x: torch.Tensor, kind: str,
+               target: TargetSpec, call: int, output: OutputSpec,
+               class_names: list[str] | None, batch_size: int,
+               top_channels: int | None) -> torch.Tensor:
+    grad = kind in GRADIENT_METHODS
+    raw, acts, count = _forward(module, layer, x, call, grad)
+    logits = select_output(raw, output)
+    if kind == "eigencam":
+        return _eigen_cam(acts.detach())
+    fn = resolve_targets(target, logits.detach(), class_names=class_names)
+    if grad:
+        scores = _scores(fn, logits, x.shape[0])
+        if not scores.requires_grad:
+            raise AttributionError(
+                "the target score does not depend on the layer's output (the model ran "
+                "without gradients, e.g. under torch.no_grad inside forward)"
+            )
+        (grads,) = torch.autograd.grad(scores.sum(), acts, allow_unused=True)
+        if grads is None:
+            raise AttributionError(
+                f"the target score does not depend on layer {layer[0]!r} (call {call})"
+            )
+        check_finite(grads, f"layer {layer[0]!r}")
+        acts = acts.detach()
+        return _gradient_cam(kind, acts, grads)
+    if kind == "ablationcam":
+        absolute = call if call >= 0 else count + call
+        base = _scores(fn, logits, x.shape[0])
+        return _ablation_cam(module, layer, x, acts, absolute, base, fn, output, batch_size)
+    return _score_cam(module, layer, x, acts, fn, output, batch_size,
+                      top_channels if kind == "fasterscorecam" else None)
+
+
+def guided_gradcam(
+    model: Any,
+    x: torch.Tensor,
+    *,
+    layer: Any = None,
+    target: TargetSpec = None,
+    call: int = -1,
+    output: OutputSpec = None,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Guided Grad-CAM (Selvaraju et al., 2017): guided backpropagation ``(N, C, H, W)``
+    multiplied by the upsampled Grad-CAM map (scaled to [0, 1]), so the fine detail of
+    guided backpropagation is kept only where Grad-CAM says the class evidence is."""
+    from .gradients import saliency
+
+    module, _ = unwrap_model(model)
+    x = check_input(x, module)
+    if target is None:  # fix the top-1 class once, so both parts explain the same class
+        with borrowed(module, what="guided Grad-CAM"), torch.no_grad():
+            logits = select_output(module(x), output)
+        target = logits.argmax(dim=1).tolist()
+    maps = cam(model, x, layer=layer, target=target, method="gradcam", call=call,
+               output=output, batch_size=batch_size)
+    guided = saliency(model, x, target, method="guided_backprop", output=output,
+                      batch_size=batch_size)
+    return guided * maps[:, None]
