@@ -1,0 +1,67 @@
+"""Settings of the explorer server: which models and images it offers, and its limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Model served when none is named.
+DEFAULT_MODEL = "efficientnet_lite0"
+
+
+@dataclass
+class Settings:
+    """Everything :func:`convscope.server.create_app` needs; no module globals.
+
+    ``models`` maps a URL name to a model spec (anything :func:`convscope.load_model`
+    takes) or an already loaded :class:`~convscope.models.LoadedModel`; a plain list of
+    specs is named by the spec (or a checkpoint's file stem). ``images`` are files or
+    folders whose images (non-recursive) are offered by file name: requests name them, they
+    never carry paths, so nothing outside these folders can be read.
+    """
+
+    models: dict[str, Any] | list[Any] = field(default_factory=lambda: [DEFAULT_MODEL])
+    images: list[str | Path] = field(default_factory=list)
+    device: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: Uploads: bytes read at most, pixels decoded at most (checked from the header).
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    #: Uploaded images kept (LRU); a shared URL to an evicted upload asks to upload again.
+    max_uploads: int = 32
+    #: Forward passes (all activations of one image through one model) kept (LRU), and
+    #: a bound on the bytes they hold together (the newest entry is always kept).
+    cache_entries: int = 6
+    cache_bytes: int = 1024 * 1024 * 1024
+    #: CAM maps kept (LRU).
+    cam_entries: int = 64
+    #: Upper bounds for request parameters.
+    max_channels: int = 1024
+    max_tile: int = 512
+    #: Optional atlas folder (convscope atlas output) for top-k examples per channel.
+    atlas: str | Path | None = None
+
+    def model_specs(self) -> dict[str, Any]:
+        """``{url_name: spec_or_loaded_model}`` in the order given."""
+        if isinstance(self.models, dict):
+            return dict(self.models)
+        named: dict[str, Any] = {}
+        for spec in self.models:
+            name = _model_key(spec)
+            base, n = name, 2
+            while name in named:
+                name, n = f"{base}-{n}", n + 1
+            named[name] = spec
+        return named
+
+
+def _model_key(spec: Any) -> str:
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text.endswith((".pt", ".pth", ".bin", ".ckpt")):
+            return Path(text).stem
+        return text.replace("-", "_").lower() if ":" not in text else text
+    name = getattr(spec, "name", None) or type(spec).__name__
+    return str(name).split(" ")[0]

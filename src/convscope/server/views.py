@@ -1,0 +1,277 @@
+"""What each explorer view shows, computed with the library functions the CLI uses.
+
+Every function takes the :class:`~convscope.server.state.ServerState` and plain parameters
+and returns JSON-ready data or a ``PIL.Image``; the routes only translate HTTP.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConvscopeError
+from .state import ForwardResult, ServerState, UnknownChannelError
+
+#: Width in pixels the automatic tile size aims the feature grid at.
+GRID_WIDTH = 640
+
+
+class NoSpatialMapError(ConvscopeError, ValueError):
+    """A layer whose output has no (C, H, W) map to draw (a flat vector)."""
+
+    exit_code = 2
+
+
+class CamUnavailableError(ConvscopeError):
+    """CAM is not part of this installation (the attribution module is missing)."""
+
+
+@dataclass(frozen=True)
+class GridParams:
+    """Feature-grid controls shared by the JSON and PNG routes."""
+
+    normalize: str = "channel"
+    cmap: str = "viridis"
+    sort: str | None = None
+    count: int = 64
+    tile: int | None = None
+
+
+def png_bytes(image: Any) -> bytes:
+    """Encode quickly: zlib level 1 is ~3x faster than the default for a little more size."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def models_view(state: ServerState) -> list[dict[str, Any]]:
+    """The served models (loading none of them)."""
+    rows = []
+    for name, entry in state.models.entries.items():
+        loaded = entry.loaded
+        rows.append({
+            "name": name,
+            "label": loaded.name if loaded is not None else str(getattr(entry.spec, "name",
+                                                                        entry.spec)),
+            "loaded": loaded is not None,
+            "default": name == state.models.default,
+        })
+    return rows
+
+
+def layers_view(state: ServerState, model: str) -> list[dict[str, Any]]:
+    """The layer table: name, type, output shape, receptive field, and whether the layer
+    can be drawn (``spatial``) and has filters (``conv``)."""
+    entry = state.models[model]
+    modules = dict(entry.get().module.named_modules())
+    rows = []
+    for info in entry.layer_table():
+        row = info.as_dict()
+        shape = info.output_shape
+        row["spatial"] = bool(shape) and len(shape) == 3
+        row["conv"] = _is_conv(modules.get(info.name))
+        rows.append(row)
+    return rows
+
+
+def _is_conv(module: Any) -> bool:
+    weight = getattr(module, "weight", None)
+    return weight is not None and hasattr(weight, "dim") and weight.dim() == 4
+
+
+def predictions_view(state: ServerState, model: str, image: str, k: int) -> list[dict]:
+    """Top-``k`` classes from the cached forward pass."""
+    result = state.forward(model, image)
+    return [{"index": p.index, "label": p.label, "probability": p.probability}
+            for p in result.predictions[:k]]
+
+
+def activation(state: ServerState, model: str, image: str, layer: str
+               ) -> tuple[ForwardResult, Any]:
+    """The cached ``(C, H, W)`` activation of ``layer`` (404 with suggestions if unknown)."""
+    result = state.forward(model, image)
+    entry = state.models[model]
+    if layer not in result.acts:
+        info = entry.layer_info(layer)  # raises UnknownLayerError for a wrong name
+        raise NoSpatialMapError(
+            f"layer {layer!r} ({info.type}) produced no tensor output to draw"
+        )
+    act = result.acts[layer]
+    if act.dim() != 3:
+        raise NoSpatialMapError(
+            f"layer {layer!r} outputs a flat vector {tuple(act.shape)}, not a (C, H, W) map; "
+            "pick a convolutional layer"
+        )
+    return result, act
+
+
+def grid_layout(act: Any, params: GridParams) -> dict[str, Any]:
+    """Channels shown (in drawing order), columns and tile size of a feature grid, so the
+    browser can map a click on the image back to a channel."""
+    from ..stats import channel_order
+
+    channels, height, width = act.shape
+    order = channel_order(act, params.sort)[: max(1, min(params.count, channels))]
+    count = len(order)
+    cols = max(1, min(count, math.ceil(math.sqrt(count * height / max(width, 1)))))
+    tile = params.tile or max(8, min(max(height, width) * 8, GRID_WIDTH // cols))
+    return {"channels": order, "cols": cols, "rows": math.ceil(count / cols), "pad": 1,
+            "tile_size": tile, "map_size": [height, width], "total_channels": channels}
+
+
+def grid_view(state: ServerState, model: str, image: str, layer: str, params: GridParams
+              ) -> dict[str, Any]:
+    """Layout and layer statistics of the feature grid (JSON)."""
+    from ..stats import layer_summary
+
+    _, act = activation(state, model, image, layer)
+    info = grid_layout(act, params)
+    info["layer"] = layer
+    info["stats"] = layer_summary(act)
+    return info
+
+
+def grid_image(state: ServerState, model: str, image: str, layer: str, params: GridParams
+               ) -> Any:
+    """The feature grid of ``layer`` (``feature_grid`` with the controls)."""
+    from ..render.grid import feature_grid
+
+    _, act = activation(state, model, image, layer)
+    info = grid_layout(act, params)
+    return feature_grid(act, channels=info["channels"], cols=info["cols"],
+                        normalize=params.normalize, cmap=params.cmap, pad=info["pad"],
+                        tile_size=info["tile_size"])
+
+
+def _check_channel(act: Any, layer: str, channel: int) -> None:
+    count = act.shape[0]
+    if not 0 <= channel < count:
+        raise UnknownChannelError(
+            str(channel), [], hint=f"layer {layer!r} has {count} channels, 0..{count - 1}"
+        )
+
+
+def channel_view(state: ServerState, model: str, image: str, layer: str, channel: int
+                 ) -> dict[str, Any]:
+    """Statistics of one channel, its rank in the layer, and whether it has a filter."""
+    from ..stats import as_floats, channel_order, channel_stats
+
+    _, act = activation(state, model, image, layer)
+    _check_channel(act, layer, channel)
+    entry = state.models[model]
+    info = entry.layer_info(layer)
+    module = dict(entry.get().module.named_modules()).get(layer)
+    stats = as_floats(channel_stats(act), channel)
+    rank = channel_order(act, "mean").index(channel)
+    out: dict[str, Any] = {
+        "layer": layer, "channel": channel, "type": info.type,
+        "map_size": list(act.shape[1:]), "stats": stats, "rank_by_mean": rank,
+        "dead": stats["max"] <= 0, "conv": _is_conv(module),
+        "receptive_field": info.as_dict()["receptive_field"],
+    }
+    if state.atlas is not None:
+        out["atlas"] = atlas_view(state, layer, channel)
+    return out
+
+
+def channel_image(state: ServerState, model: str, image: str, layer: str, channel: int,
+                  cmap: str, size: int) -> Any:
+    """One channel drawn large (``feature_grid`` with ``channels=[c]``)."""
+    from ..render.grid import feature_grid
+
+    _, act = activation(state, model, image, layer)
+    _check_channel(act, layer, channel)
+    return feature_grid(act, channels=[channel], normalize="channel", cmap=cmap, pad=0,
+                        tile_size=size)
+
+
+def filter_image(state: ServerState, model: str, layer: str, channel: int | None,
+                 count: int, tile: int) -> Any:
+    """Filters of a conv layer: the whole grid, or one output channel's kernel."""
+    from ..filters import conv_filters
+    from ..render.grid import filter_grid
+
+    entry = state.models[model]
+    loaded = entry.get()
+    modules = dict(loaded.module.named_modules())
+    if layer not in modules or not layer:
+        entry.layer_info(layer)  # raises with suggestions
+    weights = conv_filters(loaded.module, layer)
+    if channel is None:
+        return filter_grid(weights, max_filters=count, tile_size=tile)
+    if not 0 <= channel < weights.shape[0]:
+        raise UnknownChannelError(
+            str(channel), [],
+            hint=f"layer {layer!r} has {weights.shape[0]} filters, 0..{weights.shape[0] - 1}",
+        )
+    kernel = weights[channel:channel + 1]
+    inputs = kernel.shape[1]
+    if inputs in (1, 3):
+        return filter_grid(kernel, tile_size=tile * 2)
+    return filter_grid(kernel, mode="channels", max_channels=64, cols=min(16, inputs),
+                       tile_size=tile)
+
+
+def input_image(state: ServerState, model: str, image: str) -> Any:
+    """The input as the model sees it (resized, cropped, normalisation undone)."""
+    return state.forward(model, image).display
+
+
+def cam_methods() -> list[str]:
+    """CAM method names the attribution module offers (empty when it is missing)."""
+    try:
+        from ..methods.cam import METHODS
+    except ImportError:
+        return []
+    return list(METHODS)
+
+
+def cam_image(state: ServerState, model: str, image: str, method: str, target: int | None,
+              layer: str | None, alpha: float, cmap: str) -> Any:
+    """``convscope.overlay`` of ``convscope.cam`` for one class on the displayed input."""
+    try:
+        from ..methods.cam import cam
+        from ..render.overlay import overlay
+    except ImportError as error:
+        raise CamUnavailableError(f"CAM is not available in this installation ({error})"
+                                  ) from error
+    result = state.forward(model, image)
+    entry = state.models[model]
+    loaded = entry.get()
+    if target is None:
+        target = result.predictions[0].index
+    classes = len(loaded.class_names) if loaded.class_names else None
+    if target < 0 or (classes is not None and target >= classes):
+        from ..errors import TargetError
+
+        raise TargetError(f"target class {target} is out of range 0..{(classes or 1) - 1}")
+    if layer:
+        entry.layer_info(layer)
+
+    def compute() -> Any:
+        with entry.lock:
+            return cam(loaded, result.x, layer=layer or None, target=target,
+                       method=method)[0].detach().cpu()
+
+    heatmap = state.cams.get_or_compute((model, image, method, layer, target), compute)
+    return overlay(result.display, heatmap, alpha=alpha, cmap=cmap)
+
+
+def atlas_view(state: ServerState, layer: str, channel: int, k: int = 9) -> dict[str, Any]:
+    """Top-k dataset examples of a channel from the atlas given at start (if any)."""
+    atlas = state.atlas
+    try:
+        index, value, location = atlas.topk(layer)
+    except (KeyError, ValueError, ConvscopeError):
+        return {"available": False, "reason": f"the atlas has no layer {layer!r}"}
+    if channel >= len(index):
+        return {"available": False, "reason": "channel outside the atlas's range"}
+    rows = []
+    for i, v, loc in zip(index[channel][:k], value[channel][:k], location[channel][:k]):
+        rows.append({"image": str(atlas.images[int(i)]), "value": float(v),
+                     "location": [int(loc[0]), int(loc[1])]})
+    stats = {name: float(values[channel]) for name, values in atlas.stats(layer).items()
+             if hasattr(values, "__len__") and len(values) > channel}
+    return {"available": True, "topk": rows, "stats": stats}
