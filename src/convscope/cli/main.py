@@ -13,6 +13,7 @@ from collections.abc import Sequence
 # exit code.
 COMMAND_MODULES = [
     "convscope.cli.core",
+    "convscope.cli.cam",
 ]
 
 

@@ -43,6 +43,7 @@ from torch import nn
 from ..errors import TargetError, UnknownNameError
 from ..hooks import forward_hooks
 from ..layers import resolve_layers
+from . import CAM_METHODS
 from .common import borrowed, check_finite, check_input, chunks, log, normalize, upsample
 from .targets import (
     AttributionError,
@@ -58,7 +59,7 @@ from .targets import (
 
 GRADIENT_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam")
 SCORE_METHODS = ("scorecam", "fasterscorecam", "ablationcam")
-METHODS = (*GRADIENT_METHODS, *SCORE_METHODS, "eigencam")
+METHODS = CAM_METHODS
 _ALIASES = {"grad-cam": "gradcam", "gradcampp": "gradcam++", "grad-cam++": "gradcam++",
             "score-cam": "scorecam", "faster-scorecam": "fasterscorecam",
             "ablation-cam": "ablationcam", "eigen-cam": "eigencam", "layer-cam": "layercam",

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import UnknownNameError
 from ..hooks import forward_hooks
+from . import SALIENCY_METHODS
 from .common import borrowed, check_finite, check_input, chunks, normalize
 from .targets import (
     AttributionError,
@@ -42,8 +43,7 @@ from .targets import (
     unwrap_model,
 )
 
-METHODS = ("vanilla", "input_x_gradient", "smoothgrad", "integrated_gradients",
-           "guided_backprop", "occlusion")
+METHODS = SALIENCY_METHODS
 
 
 class UnknownSaliencyMethodError(UnknownNameError):
