@@ -14,6 +14,8 @@ from collections.abc import Sequence
 COMMAND_MODULES = [
     "convscope.cli.core",
     "convscope.cli.cam",
+    "convscope.cli.atlas",
+    "convscope.cli.frontends",
 ]
 
 

@@ -269,7 +269,7 @@ def atlas_view(state: ServerState, layer: str, channel: int, k: int = 9) -> dict
     if channel >= len(index):
         return {"available": False, "reason": "channel outside the atlas's range"}
     rows = []
-    for i, v, loc in zip(index[channel][:k], value[channel][:k], location[channel][:k]):
+    for i, v, loc in zip(index[channel][:k], value[channel][:k], location[channel][:k], strict=False):
         rows.append({"image": str(atlas.images[int(i)]), "value": float(v),
                      "location": [int(loc[0]), int(loc[1])]})
     stats = {name: float(values[channel]) for name, values in atlas.stats(layer).items()

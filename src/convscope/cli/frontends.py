@@ -1,0 +1,108 @@
+"""Front-end subcommands: ``serve`` (browser explorer) and ``report`` (one HTML file)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .common import DEFAULT_MODEL, add_model_args, load_model_from_args
+from .progress import Steps
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``serve`` and ``report``."""
+    p = subparsers.add_parser(
+        "serve", help="browse activations, filters and CAMs in a web browser",
+        description="Start the convscope explorer (FastAPI + a static page) on 127.0.0.1. "
+                    "The JSON + PNG API is documented at /docs.",
+    )
+    p.add_argument("--model", "-m", action="append", dest="models", metavar="MODEL",
+                   help=f"model to serve (repeatable; default {DEFAULT_MODEL}): a torchvision "
+                        "name, efficientnet_lite0, a checkpoint (NAME=PATH:ARCH is not "
+                        "needed for bundled names) or package.module:factory")
+    p.add_argument("--image", "-i", action="append", default=[], metavar="PATH",
+                   help="image file or folder to offer besides the samples (repeatable)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda ...")
+    p.add_argument("--max-upload-mb", type=float, default=20.0,
+                   help="largest upload in MiB (default 20)")
+    p.add_argument("--max-pixels", type=int, default=40_000_000,
+                   help="largest upload in pixels (default 40,000,000)")
+    p.add_argument("--cache", type=int, default=6,
+                   help="forward passes (image x model) kept in memory (default 6)")
+    p.add_argument("--atlas", metavar="DIR", help="atlas folder (convscope atlas) for "
+                                                  "top dataset examples per channel")
+    p.set_defaults(func=run_serve)
+
+    p = subparsers.add_parser(
+        "report", help="write one self-contained HTML report for an image",
+        description="Input, top-5, layer table, activation grids with statistics, first-layer "
+                    "filters and CAM overlays in one HTML file with embedded images.",
+    )
+    p.add_argument("image", help="image path or sample:NAME (chelsea, coffee, rocket, astronaut)")
+    add_model_args(p)
+    p.add_argument("--layers", "-l", action="append",
+                   help="layer name or glob (repeatable; default: every conv block)")
+    p.add_argument("--out", "-o", default="report.html", help="output file (report.html)")
+    p.add_argument("--channels", type=int, default=64, help="channels per layer grid (64)")
+    p.add_argument("--format", choices=["jpeg", "png", "webp"], default="jpeg",
+                   help="embedded grid format: jpeg (small, default), png (lossless), webp")
+    p.add_argument("--cam-method", default="gradcam", help="CAM method (gradcam)")
+    p.add_argument("--cam-topk", type=int, default=3, help="CAM for the top-k classes (3)")
+    p.add_argument("--title", help="report title")
+    p.set_defaults(func=run_report)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """``convscope serve``."""
+    import uvicorn
+
+    from convscope.server import Settings, create_app
+
+    settings = Settings(
+        models=args.models or [DEFAULT_MODEL], images=list(args.image), device=args.device,
+        host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_pixels=args.max_pixels, cache_entries=args.cache, atlas=args.atlas,
+    )
+    app = create_app(settings)
+    state = app.state.convscope
+    with Steps(1).step(f"loading {state.models.default}"):
+        state.models[state.models.default].get()
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host}: other machines can reach the explorer",
+              file=sys.stderr)
+    print(f"convscope explorer on http://{_url_host(args.host)}:{args.port}/ (API docs at /docs)",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """``convscope report``."""
+    from convscope.images import load_image
+    from convscope.report import ReportOptions, write_report
+
+    steps = Steps(3)
+    with steps.step("loading image"):
+        image = load_image(args.image)
+    with steps.step(f"loading model {args.model}"):
+        model = load_model_from_args(args)
+    with steps.step("building report"):
+        options = ReportOptions(
+            layers=args.layers, channels=args.channels, image_format=args.format,
+            cam_method=args.cam_method, cam_topk=args.cam_topk, title=args.title,
+        )
+        if args.title is None:
+            name = args.image if args.image.startswith("sample:") else Path(args.image).name
+            options.title = f"convscope report: {name} through {model.name}"
+        out = write_report(args.out, model, image, options)
+    size = out.stat().st_size
+    print(f"{out} ({size / 1024 / 1024:.2f} MiB)")
+    return 0
