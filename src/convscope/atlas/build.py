@@ -1,0 +1,533 @@
+"""Build a dataset atlas: one streaming pass over the data, statistics reduced in hooks.
+
+For every selected layer a :class:`~convscope.atlas.stats.ChannelStats` lives on the
+model's device; a forward hook folds each batch's output into it and drops the output, so
+memory is O(layers x channels x k) plus one batch, whatever the dataset size. The pass is
+resumable from periodic checkpoints and runs sharded under ``torchrun`` (each rank takes a
+contiguous, disjoint slice; states are gathered and merged exactly).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from convscope.hooks import forward_hooks, preserve_training
+from convscope.layers import LayerSpec, list_layers, resolve_layers
+from convscope.models import LoadedModel, Preprocess, load_model
+
+from .atlas import FORMAT, FORMAT_VERSION, Atlas
+from .data import ImageFiles, IndexedDataset, Listing, collate, dataset_names, list_images, shard
+from .errors import AtlasError, AtlasExistsError, EmptyDatasetError, TopKTooLargeError
+from .stats import DEFAULT_EDGES, RANKINGS, ChannelStats
+
+log = logging.getLogger(__name__)
+
+#: ``progress(done_images, total_images, elapsed_seconds)``; done/total of this process.
+Progress = Callable[[int, int, float], None]
+
+CHECKPOINT = "checkpoint{suffix}.pt"
+# Test hooks (environment): checkpoint every N batches; SIGKILL self after N batches.
+_ENV_CHECKPOINT_BATCHES = "CONVSCOPE_ATLAS_CHECKPOINT_BATCHES"
+_ENV_KILL_AFTER = "CONVSCOPE_ATLAS_KILL_AFTER"
+
+
+def build(
+    model: LoadedModel | nn.Module | str,
+    data: Any,
+    layers: LayerSpec,
+    topk: int = 9,
+    *,
+    rank_by: Sequence[str] = ("max",),
+    batch_size: int = 32,
+    workers: int = 0,
+    device: str | torch.device | None = None,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    force: bool = False,
+    checkpoint_every: float = 60.0,
+    fused: str = "auto",
+    edges: Sequence[float] = DEFAULT_EDGES,
+    crops: bool = True,
+    crop_size: int = 64,
+    html: bool = True,
+    max_pixels: int | None = None,
+    progress: Progress | None = None,
+    distributed: bool | None = None,
+) -> Atlas:
+    """Record per-channel statistics and the top-``topk`` images of every channel of
+    ``layers`` over ``data``; save to ``out`` when given (atlas.json, atlas.npz, crops/,
+    index.html) and return the :class:`Atlas`.
+
+    ``model``: a :class:`~convscope.models.LoadedModel` (its ``transform`` preprocesses
+    image files), an ``nn.Module`` (ImageNet preprocessing) or a name for
+    :func:`~convscope.models.load_model`. ``data``: an image folder (recursive;
+    ImageFolder sub-folders become labels), a text file listing image paths, a list of
+    paths, a map-style ``Dataset`` of tensors or a ``DataLoader``. Unreadable files are
+    skipped and listed in ``atlas.skipped``. ``rank_by`` keeps top-k lists by the
+    channel's spatial ``"max"`` and/or ``"mean"``. ``fused``: ``"compile"`` reduces each
+    activation in one ``torch.compile``-d kernel, ``"eager"`` uses plain reductions,
+    ``"auto"`` compiles for runs long enough to repay the compile time. With ``out`` and
+    ``resume=True`` an interrupted run continues from its last checkpoint (written every
+    ``checkpoint_every`` seconds) and ends with the same result. Under ``torchrun``
+    (``torch.distributed`` initialised) every rank processes a disjoint shard and all ranks
+    return the merged atlas; rank 0 writes the files.
+    """
+    topk = int(topk)
+    if topk < 1:
+        raise TopKTooLargeError(f"topk must be at least 1, got {topk}")
+    if batch_size < 1:
+        raise AtlasError(f"batch size must be at least 1, got {batch_size}")
+    rankings = tuple(dict.fromkeys(rank_by))
+    for name in rankings:
+        if name not in RANKINGS:
+            raise AtlasError(f"unknown ranking {name!r}; choose from {', '.join(RANKINGS)}")
+    loaded = _as_loaded(model, device)
+    source = _Source.make(data, loaded.transform, max_pixels)
+    if topk > len(source.names):
+        raise TopKTooLargeError(
+            f"--topk {topk} is larger than the dataset ({len(source.names)} images)"
+        )
+    modules = resolve_layers(loaded.module, layers)
+    infos = _layer_infos(loaded, modules, source.input_size)
+
+    rank, world = _dist_rank_world(distributed)
+    if world > 1 and source.loader is not None:
+        raise AtlasError("a distributed atlas shards the data itself: pass a dataset, a "
+                         "folder or a list of paths instead of a DataLoader")
+    out_dir = Path(out) if out is not None else None
+    fingerprint = _fingerprint(loaded, infos, source.names, topk, rankings, edges)
+    if out_dir is not None:
+        _check_out_dir(out_dir, fingerprint, force)
+    run = _Run(loaded, modules, infos, source, topk, rankings, edges, rank, world)
+    ckpt = out_dir / CHECKPOINT.format(suffix=f"-rank{rank}of{world}" if world > 1 else "") \
+        if out_dir is not None else None
+    if resume and ckpt is not None and ckpt.exists():
+        run.load_checkpoint(ckpt, fingerprint, force)
+    elif resume and out_dir is None:
+        raise AtlasError("resume needs an output folder (out=) to keep checkpoints in")
+    run.execute(batch_size, workers, fused, ckpt, fingerprint, checkpoint_every, progress)
+
+    states = run.export()
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, states)
+        states = _merge_exports(gathered, loaded.device)
+    atlas = run.to_atlas(states, fingerprint)
+    if out_dir is not None and rank == 0:
+        if crops:
+            from .crops import crop_path, write_crops
+
+            atlas.meta["crops"] = {"pattern": crop_path("{layer}", "{channel}"),
+                                   "size": int(crop_size), "by": atlas.rankings[0]}
+            write_crops(atlas, out_dir, source.dataset, run.original,
+                        loaded.transform.to_display, crop_size=crop_size, workers=workers)
+        atlas.save(out_dir)
+        if html:
+            from .html import write_html
+
+            write_html(atlas, out_dir)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    if ckpt is not None and ckpt.exists():
+        ckpt.unlink()
+    return atlas
+
+
+# --------------------------------------------------------------------------------------
+
+
+def _as_loaded(model: LoadedModel | nn.Module | str, device: Any) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, nn.Module):
+        first = next(model.parameters(), None)
+        where = first.device if first is not None else torch.device("cpu")
+        return LoadedModel(module=model, transform=Preprocess(), class_names=None,
+                           name=type(model).__name__, device=where, source="module")
+    return load_model(model, device=device or "auto")
+
+
+class _Source:
+    """Where the images come from: a dataset to shard (or a fixed DataLoader), their
+    names, labels and how to get back the preprocessed view of image ``i`` for crops."""
+
+    def __init__(self, dataset: Any, names: list[str], labels: list[str | None] | None,
+                 description: str, input_size: tuple[int, ...],
+                 loader: torch.utils.data.DataLoader | None = None,
+                 ignored: Sequence[str] = ()):
+        self.dataset = dataset
+        self.names = names
+        self.labels = labels
+        self.description = description
+        self.input_size = input_size
+        self.loader = loader
+        self.ignored = list(ignored)
+
+    @classmethod
+    def make(cls, data: Any, transform: Preprocess, max_pixels: int | None) -> _Source:
+        if isinstance(data, torch.utils.data.DataLoader):
+            if not isinstance(data.sampler, torch.utils.data.SequentialSampler):
+                raise AtlasError("pass a DataLoader without shuffling (its order names images)")
+            base = data.dataset
+            names = dataset_names(base)
+            if not names:
+                raise EmptyDatasetError("the DataLoader's dataset is empty")
+            return cls(IndexedDataset(base), names, None, type(base).__name__,
+                       _item_shape(base), loader=data)
+        if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, ImageFiles):
+            if len(data) == 0:  # type: ignore[arg-type]
+                raise EmptyDatasetError("the dataset is empty")
+            return cls(IndexedDataset(data), dataset_names(data), None, type(data).__name__,
+                       _item_shape(data))
+        listing: Listing = list_images(data)
+        labels = listing.labels if any(label is not None for label in listing.labels) else None
+        dataset = ImageFiles(listing.paths, transform, max_pixels)
+        return cls(dataset, listing.paths, labels, listing.source,
+                   (3, transform.crop, transform.crop), ignored=listing.ignored)
+
+
+def _item_shape(dataset: Any) -> tuple[int, ...]:
+    first = IndexedDataset(dataset)[0][0]
+    return tuple(first.shape)
+
+
+def _layer_infos(loaded: LoadedModel, modules: dict[str, nn.Module],
+                 input_size: tuple[int, ...]) -> dict[str, dict[str, Any]]:
+    with preserve_training(loaded.module):
+        table = {info.name: info for info in
+                 list_layers(loaded.module, input_size, device=loaded.device)}
+    infos = {}
+    for name in modules:
+        info = table[name]
+        if info.output_shape is None:
+            raise AtlasError(f"layer {name!r} did not run in the model's forward pass")
+        if info.calls > 1:
+            raise AtlasError(
+                f"layer {name!r} runs {info.calls} times per forward pass; an atlas records "
+                "layers that run once (select the modules of each call instead)"
+            )
+        if len(info.output_shape) not in (1, 3):
+            raise AtlasError(
+                f"layer {name!r} outputs shape {info.output_shape}; an atlas needs "
+                "(C, H, W) feature maps or (C,) vectors"
+            )
+        shape = list(info.output_shape) + [1, 1] * (len(info.output_shape) == 1)
+        rf = info.receptive_field
+        infos[name] = {
+            "name": name, "type": info.type, "shape": shape,
+            "receptive_field": None if rf is None else
+            {"size": list(rf.size), "stride": list(rf.stride), "start": list(rf.start)},
+        }
+    return infos
+
+
+def _dist_rank_world(distributed: bool | None) -> tuple[int, int]:
+    if distributed is False:
+        return 0, 1
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if distributed:
+        raise AtlasError("distributed=True but torch.distributed is not initialised "
+                         "(run under torchrun, or call init_process_group first)")
+    return 0, 1
+
+
+def _fingerprint(loaded: LoadedModel, infos: dict[str, Any], names: list[str], topk: int,
+                 rankings: Sequence[str], edges: Sequence[float]) -> str:
+    """Hash of everything that determines the result: model weights (per-tensor sums),
+    layers, image list and settings."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for key, value in loaded.module.state_dict().items():
+            checksum = float(value.double().sum()) if value.is_floating_point() else \
+                int(value.long().sum()) if value.numel() else 0
+            digest.update(f"{key}:{tuple(value.shape)}:{checksum!r};".encode())
+    settings = {"model": loaded.name, "layers": infos, "topk": topk,
+                "rank_by": list(rankings), "edges": list(edges)}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    digest.update("\n".join(names).encode())
+    return digest.hexdigest()[:24]
+
+
+def _check_out_dir(out_dir: Path, fingerprint: str, force: bool) -> None:
+    meta = out_dir / "atlas.json"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AtlasError(f"output {out_dir} exists and is not a folder")
+    if meta.exists() and not force:
+        try:
+            existing = json.loads(meta.read_text()).get("fingerprint")
+        except (OSError, ValueError):
+            existing = None
+        if existing != fingerprint:
+            raise AtlasExistsError(
+                f"{out_dir} already holds a different atlas; pass --force (force=True) to "
+                "overwrite it, or choose another output folder"
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+class _Run:
+    """State of one process's pass: reducers per layer, predictions, skipped files."""
+
+    def __init__(self, loaded: LoadedModel, modules: dict[str, nn.Module],
+                 infos: dict[str, Any], source: _Source, topk: int,
+                 rankings: tuple[str, ...], edges: Sequence[float], rank: int, world: int):
+        self.loaded, self.modules, self.infos, self.source = loaded, modules, infos, source
+        self.rank, self.world = rank, world
+        self.shard = shard(len(source.names), rank, world)
+        self.position = 0  # items of the shard consumed so far
+        self.batch_size: int | None = None
+        self.stats = {name: ChannelStats(info["shape"][0], topk, rankings=rankings,
+                                         edges=edges, device=loaded.device)
+                      for name, info in infos.items()}
+        n = len(source.names)
+        self.pred_class = torch.full((n,), -1, dtype=torch.int32)
+        self.pred_prob = torch.zeros(n, dtype=torch.float32)
+        self.failures: dict[int, str] = {}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, path: Path, fingerprint: str) -> None:
+        state = {
+            "fingerprint": fingerprint, "rank": self.rank, "world": self.world,
+            "position": self.position, "position_images": self.position_images,
+            "batch_size": self.batch_size,
+            "stats": {name: s.state_dict() for name, s in self.stats.items()},
+            "pred_class": self.pred_class, "pred_prob": self.pred_prob,
+            "failures": [[i, msg] for i, msg in sorted(self.failures.items())],
+        }
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: a kill never leaves a half-written checkpoint
+
+    def load_checkpoint(self, path: Path, fingerprint: str, force: bool) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # truncated or foreign file
+            raise AtlasError(f"cannot read the checkpoint {path}: {error}") from error
+        if state.get("fingerprint") != fingerprint or state.get("world") != self.world:
+            if not force:
+                raise AtlasExistsError(
+                    f"the checkpoint in {path.parent} belongs to a different atlas (model, "
+                    "layers, data, settings or process count differ); pass --force to start "
+                    "over"
+                )
+            log.warning("ignoring checkpoint %s of a different atlas", path)
+            return
+        self.position = int(state["position"])
+        self.position_images = int(state.get("position_images", 0))
+        self.batch_size = state["batch_size"]
+        self.stats = {name: ChannelStats.from_state_dict(s, self.loaded.device)
+                      for name, s in state["stats"].items()}
+        self.pred_class, self.pred_prob = state["pred_class"], state["pred_prob"]
+        self.failures = {int(i): str(msg) for i, msg in state["failures"]}
+        log.info("resuming from %s at image %d of %d", path, self.position, len(self.shard))
+
+    # ------------------------------------------------------------------ the pass
+
+    def _loader(self, batch_size: int, workers: int) -> Any:
+        if self.source.loader is not None:
+            return self.source.loader
+        remaining = list(self.shard)[self.position:]
+        subset = torch.utils.data.Subset(self.source.dataset, remaining)
+        return torch.utils.data.DataLoader(
+            subset, batch_size=batch_size, shuffle=False, num_workers=workers,
+            collate_fn=collate, pin_memory=self.loaded.device.type == "cuda",
+            persistent_workers=False,
+        )
+
+    def execute(self, batch_size: int, workers: int, fused: str, ckpt: Path | None,
+                fingerprint: str, checkpoint_every: float, progress: Progress | None) -> None:
+        if self.batch_size is not None and self.batch_size != batch_size:
+            log.warning("resuming with the checkpoint's batch size %d (asked %d) so the "
+                        "result matches an uninterrupted run", self.batch_size, batch_size)
+            batch_size = self.batch_size
+        self.batch_size = batch_size
+        total = len(self.shard)
+        batches_left = -(-(total - self.position) // batch_size)
+        compiled = _use_compile(fused, batches_left, self.loaded.device)
+        every_batches = int(os.environ.get(_ENV_CHECKPOINT_BATCHES, "0") or 0)
+        kill_after = int(os.environ.get(_ENV_KILL_AFTER, "0") or 0)
+        current: dict[str, torch.Tensor] = {}
+
+        def hook(name: str, _module: nn.Module, _inputs: tuple, output: Any) -> None:
+            value = output[0] if isinstance(output, (tuple, list)) else output
+            self.stats[name].update(value, current["indices"], compiled=compiled)
+
+        device = self.loaded.device
+        model = self.loaded.module
+        start = time.perf_counter()
+        last_ckpt = start
+        done_batches = 0
+        uses_user_loader = self.source.loader is not None
+        with preserve_training(model), torch.inference_mode(), \
+                forward_hooks(self.modules, hook):
+            model.eval()
+            for batch_number, batch in enumerate(self._loader(batch_size, workers)):
+                if uses_user_loader:
+                    if batch_number < self.position:
+                        continue  # resuming over a fixed loader: skip what was done
+                    images, indices, failures = _user_batch(batch, self.position_images)
+                else:
+                    images, indices, failures = batch
+                for index, message in failures:
+                    self.failures[int(index)] = message
+                    log.warning("skipping %s: %s", self.source.names[int(index)], message)
+                if images is not None:
+                    current["indices"] = indices.to(device)
+                    output = model(images.to(device, non_blocking=True))
+                    self._record_predictions(output, indices)
+                self.position += 1 if uses_user_loader else len(indices) + len(failures)
+                if uses_user_loader:
+                    self.position_images += len(indices)
+                done_batches += 1
+                now = time.perf_counter()
+                if ckpt is not None and (
+                        (every_batches and done_batches % every_batches == 0)
+                        or (not every_batches and now - last_ckpt >= checkpoint_every)):
+                    self.save_checkpoint(ckpt, fingerprint)
+                    last_ckpt = now
+                if progress is not None:
+                    done = self.position_images if uses_user_loader else self.position
+                    progress(done, total, now - start)
+                if kill_after and done_batches >= kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like a crash
+
+    position_images = 0  # images seen through a user DataLoader (indices for its items)
+
+    def _record_predictions(self, output: Any, indices: torch.Tensor) -> None:
+        if isinstance(output, (tuple, list)):
+            output = output[0]
+        if not isinstance(output, torch.Tensor) or output.dim() != 2:
+            return
+        probs = torch.softmax(output.float(), dim=1)
+        prob, cls = probs.max(dim=1)
+        self.pred_class[indices] = cls.to("cpu", torch.int32)
+        self.pred_prob[indices] = prob.cpu()
+
+    # ------------------------------------------------------------------ results
+
+    def export(self) -> dict[str, Any]:
+        return {
+            "stats": {name: s.state_dict() for name, s in self.stats.items()},
+            "pred_class": self.pred_class, "pred_prob": self.pred_prob,
+            "failures": dict(self.failures),
+        }
+
+    def to_atlas(self, states: dict[str, Any], fingerprint: str) -> Atlas:
+        names = self.source.names
+        failures = states["failures"]
+        readable = np.array([i not in failures for i in range(len(names))], dtype=bool)
+        if not readable.any():
+            raise EmptyDatasetError(
+                f"none of the {len(names)} files of {self.source.description} could be read"
+            )
+        new_index = np.cumsum(readable) - 1  # old index -> index among readable images
+        self.original = np.flatnonzero(readable)  # readable index -> dataset index
+        layers: dict[str, dict[str, Any]] = {}
+        arrays: dict[str, np.ndarray] = {}
+        k = next(iter(self.stats.values())).k
+        if int(readable.sum()) < k:
+            raise TopKTooLargeError(
+                f"topk {k} is larger than the {int(readable.sum())} readable images of the "
+                f"dataset ({len(failures)} could not be read)"
+            )
+        for name, state in states["stats"].items():
+            stats = ChannelStats.from_state_dict(state, "cpu")
+            layers[name] = dict(self.infos[name])
+            for key, value in stats.summary().items():
+                arrays[f"{name}/stats/{key}"] = value.numpy()
+            for ranking, top in stats.top.items():
+                index = top["index"].numpy()
+                arrays[f"{name}/{ranking}/index"] = new_index[index].astype(np.int64)
+                arrays[f"{name}/{ranking}/value"] = top["value"].numpy()
+                arrays[f"{name}/{ranking}/location"] = top["location"].numpy().astype(np.int32)
+        arrays["histogram_edges"] = np.asarray(
+            next(iter(states["stats"].values()))["edges"].numpy(), dtype=np.float32)
+        arrays["predictions/class"] = states["pred_class"].numpy()[readable]
+        arrays["predictions/probability"] = states["pred_prob"].numpy()[readable]
+        labels = self.source.labels
+        skipped = [{"path": names[i], "error": msg} for i, msg in sorted(failures.items())]
+        skipped += [{"path": p, "error": "not an image file (extension)"}
+                    for p in self.source.ignored]
+        meta = {
+            "format": FORMAT, "version": FORMAT_VERSION, "fingerprint": fingerprint,
+            "model": self.loaded.name,
+            "input_size": list(self.source.input_size),
+            "layers": layers,
+            "dataset": {"source": self.source.description, "listed": len(names),
+                        "images": int(readable.sum()), "skipped": len(skipped)},
+            "images": [n for n, ok in zip(names, readable, strict=False) if ok],
+            "labels": None if labels is None else
+            [lab for lab, ok in zip(labels, readable, strict=False) if ok],
+            "skipped": skipped,
+            "class_names": self.loaded.class_names,
+            "settings": {"topk": k, "rank_by": list(next(iter(self.stats.values())).rankings),
+                         "batch_size": self.batch_size, "processes": self.world},
+        }
+        return Atlas(meta, arrays)
+
+
+def _user_batch(batch: Any, offset: int) -> tuple[torch.Tensor, torch.Tensor, list]:
+    images = batch[0] if isinstance(batch, (tuple, list)) else batch
+    indices = torch.arange(offset, offset + images.shape[0])
+    return images, indices, []
+
+
+def _use_compile(fused: str, batches: int, device: torch.device) -> bool:
+    if fused not in ("auto", "compile", "eager"):
+        raise AtlasError(f"fused must be 'auto', 'compile' or 'eager', got {fused!r}")
+    if fused == "eager":
+        return False
+    if fused == "auto" and batches < (10 if device.type == "cuda" else 50):
+        return False
+    from .stats import _compiled_reduce
+
+    try:
+        probe = torch.randn(6, 5, device=device)
+        _compiled_reduce()(probe, torch.tensor(DEFAULT_EDGES, device=device), False)
+        return True
+    except Exception as error:  # no C++ compiler, unsupported backend, ...
+        if fused == "compile":
+            raise AtlasError(f"torch.compile of the fused reduction failed: {error}") from error
+        log.warning("torch.compile unavailable (%s); using eager reductions", error)
+        return False
+
+
+def _merge_exports(gathered: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
+    """Merge every rank's export (in rank order) into one."""
+    first = gathered[0]
+    merged_stats = {}
+    for name in first["stats"]:
+        stats = ChannelStats.from_state_dict(first["stats"][name], device)
+        for other in gathered[1:]:
+            stats.merge(ChannelStats.from_state_dict(other["stats"][name], device))
+        merged_stats[name] = stats.state_dict()
+    pred_class = first["pred_class"].clone()
+    pred_prob = first["pred_prob"].clone()
+    failures: dict[int, str] = {}
+    for part in gathered:
+        seen = part["pred_class"] >= 0
+        pred_class[seen] = part["pred_class"][seen]
+        pred_prob[seen] = part["pred_prob"][seen]
+        failures.update(part["failures"])
+    return {"stats": merged_stats, "pred_class": pred_class, "pred_prob": pred_prob,
+            "failures": failures}

@@ -1,0 +1,236 @@
+"""Streaming, mergeable per-channel statistics and exact top-k of layer activations.
+
+:class:`ChannelStats` keeps, for one layer, O(channels x (k + histogram bins)) numbers on the
+device where the activations are made. Each batch is read once by :func:`reduce_batch`,
+which computes every per-(image, channel) quantity in one fused pass (one kernel when
+compiled with ``torch.compile``; in eager mode a handful of reductions over the same
+cache-resident rows). States of disjoint shards combine with :meth:`ChannelStats.merge`
+into exactly what one pass over the whole data gives, whatever the order: sums and
+histograms add, and top-k lists are merged under a total order (value descending, then
+image index ascending), which also makes ties deterministic.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+#: Fixed histogram edges: 0 and +-2**k for k = -6..6; values beyond +-64 fall into the two
+#: outer bins. Bin ``j`` counts ``edges[j-1] < x <= edges[j]`` (bin 0: ``x <= edges[0]``,
+#: last bin: ``x > edges[-1]``), so "positive" is exactly the bins above the 0 edge.
+_POWERS = [2.0**k for k in range(-6, 7)]
+DEFAULT_EDGES: tuple[float, ...] = tuple([-p for p in reversed(_POWERS)] + [0.0] + _POWERS)
+
+#: Rankings an atlas can keep top-k lists for: the channel's spatial max or spatial mean.
+RANKINGS = ("max", "mean")
+
+#: Index used for empty top-k slots; sorts after every real image index.
+PAD_INDEX = torch.iinfo(torch.int64).max
+
+
+def _reduce(x: torch.Tensor, edges: torch.Tensor, eager_hist: bool
+            ) -> tuple[torch.Tensor, ...]:
+    """Per-row max, argmax, sum, sum of squares and counts above each edge of ``x`` (R, M).
+
+    Written as one expression so ``torch.compile`` turns it into a single fused reduction
+    kernel; eagerly, the histogram uses bucketize + bincount (``eager_hist``), which is
+    cheaper there than comparisons against every edge.
+    """
+    x = x.float()
+    values, where = x.max(dim=1)
+    total = x.sum(dim=1)
+    squares = (x * x).sum(dim=1)
+    if eager_hist:
+        return values, where, total, squares, None
+    above = (x.unsqueeze(-1) > edges).sum(dim=1)  # (R, E): counts x > edges[e]
+    return values, where, total, squares, above
+
+
+_compiled: dict[str, Callable[..., Any]] = {}
+
+
+def _compiled_reduce() -> Callable[..., Any]:
+    if "fn" not in _compiled:
+        _compiled["fn"] = torch.compile(_reduce, dynamic=True)
+    return _compiled["fn"]
+
+
+class ChannelStats:
+    """Running statistics and top-k examples of one layer's channels.
+
+    ``channels`` (C), ``k`` examples per channel and ranking, ``rankings`` (subset of
+    ``("max", "mean")``), ``edges`` (fixed histogram edges). Tensors live on ``device``.
+    """
+
+    def __init__(self, channels: int, k: int, *, rankings: Sequence[str] = ("max",),
+                 edges: Sequence[float] = DEFAULT_EDGES, device: torch.device | str = "cpu"):
+        self.channels = int(channels)
+        self.k = int(k)
+        self.rankings = tuple(rankings)
+        self.device = torch.device(device)
+        self.edges = torch.tensor(list(edges), dtype=torch.float32, device=self.device)
+        self.images = 0  # images reduced so far
+        self.positions = 0  # values per channel per image (H * W); fixed per layer
+        self.spatial: tuple[int, int] = (0, 0)
+        c, dev = self.channels, self.device
+        self.sum = torch.zeros(c, dtype=torch.float64, device=dev)
+        self.sumsq = torch.zeros(c, dtype=torch.float64, device=dev)
+        self.max = torch.full((c,), -float("inf"), dtype=torch.float32, device=dev)
+        self.hist = torch.zeros(c, len(edges) + 1, dtype=torch.int64, device=dev)
+        self.top: dict[str, dict[str, torch.Tensor]] = {
+            name: _empty_top(c, self.k, dev) for name in self.rankings
+        }
+
+    # ------------------------------------------------------------------ update
+
+    def update(self, activation: torch.Tensor, indices: torch.Tensor, *,
+               compiled: bool = False) -> None:
+        """Fold a batch ``(N, C, H, W)`` (or ``(N, C)``) whose images have dataset indices
+        ``indices`` (N,) into the state. The activation is only read, never kept."""
+        x = activation.detach()
+        if x.dim() == 2:
+            x = x[:, :, None, None]
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(
+                f"expected activations (N, {self.channels}, H, W), got {tuple(x.shape)}"
+            )
+        n, c, h, w = x.shape
+        if self.positions and (h, w) != self.spatial:
+            raise ValueError(f"spatial size changed from {self.spatial} to {(h, w)}")
+        self.spatial, self.positions = (h, w), h * w
+        rows = x.reshape(n * c, h * w)
+        if compiled:
+            values, where, total, squares, above = _compiled_reduce()(rows, self.edges, False)
+            counts = _counts_from_above(above, h * w)
+        else:
+            values, where, total, squares, _ = _reduce(rows, self.edges, True)
+            counts = _eager_hist(rows, self.edges)
+        values, where = values.view(n, c), where.view(n, c)
+        total, squares = total.view(n, c), squares.view(n, c)
+        self.images += n
+        self.sum += total.double().sum(0)
+        self.sumsq += squares.double().sum(0)
+        self.max = torch.maximum(self.max, values.amax(0))
+        self.hist += counts.view(n, c, -1).sum(0)
+        idx = indices.to(self.device, torch.int64).view(n, 1).expand(n, c)
+        loc = torch.stack([where // w, where % w], dim=-1).to(torch.int32)
+        for name in self.rankings:
+            score = values if name == "max" else total / float(h * w)
+            _merge_top(self.top[name], score.T, idx.T, loc.transpose(0, 1))
+
+    # ------------------------------------------------------------------ merge / state
+
+    def merge(self, other: ChannelStats) -> None:
+        """Add another shard's state (same layer and settings) into this one."""
+        if (other.channels, other.k, other.rankings) != (self.channels, self.k, self.rankings):
+            raise ValueError("cannot merge atlas statistics built with different settings")
+        if other.images == 0:
+            return
+        if self.images and other.spatial != self.spatial:
+            raise ValueError("cannot merge statistics of different spatial sizes")
+        self.spatial, self.positions = other.spatial, other.positions
+        self.images += other.images
+        self.sum += other.sum.to(self.device)
+        self.sumsq += other.sumsq.to(self.device)
+        self.max = torch.maximum(self.max, other.max.to(self.device))
+        self.hist += other.hist.to(self.device)
+        for name in self.rankings:
+            theirs = {key: value.to(self.device) for key, value in other.top[name].items()}
+            _merge_top(self.top[name], theirs["value"], theirs["index"], theirs["location"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain dict of CPU tensors and numbers (for checkpoints and gathering)."""
+        return {
+            "channels": self.channels, "k": self.k, "rankings": list(self.rankings),
+            "edges": self.edges.cpu(), "images": self.images, "spatial": list(self.spatial),
+            "sum": self.sum.cpu(), "sumsq": self.sumsq.cpu(), "max": self.max.cpu(),
+            "hist": self.hist.cpu(),
+            "top": {name: {k: v.cpu() for k, v in top.items()} for name, top in self.top.items()},
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], device: torch.device | str = "cpu"
+                        ) -> ChannelStats:
+        """Inverse of :meth:`state_dict`."""
+        stats = cls(state["channels"], state["k"], rankings=state["rankings"],
+                    edges=state["edges"].tolist(), device=device)
+        stats.images = int(state["images"])
+        stats.spatial = (int(state["spatial"][0]), int(state["spatial"][1]))
+        stats.positions = stats.spatial[0] * stats.spatial[1]
+        for key in ("sum", "sumsq", "max", "hist"):
+            setattr(stats, key, state[key].to(stats.device))
+        stats.top = {name: {k: v.to(stats.device) for k, v in top.items()}
+                     for name, top in state["top"].items()}
+        return stats
+
+    # ------------------------------------------------------------------ results
+
+    def summary(self) -> dict[str, torch.Tensor]:
+        """Per-channel results as CPU tensors: count, mean, std, max, frac_positive, dead,
+        saturated, histogram (C, bins)."""
+        count = self.images * self.positions
+        n = max(count, 1)
+        mean = self.sum / n
+        var = (self.sumsq / n - mean * mean).clamp_min(0)
+        zero_edge = int(torch.searchsorted(self.edges, torch.tensor(0.0, device=self.device)))
+        positive = self.hist[:, zero_edge + 1:].sum(1)
+        return {
+            "count": torch.full((self.channels,), count, dtype=torch.int64),
+            "mean": mean.cpu(),
+            "std": var.sqrt().cpu(),
+            "max": self.max.cpu(),
+            "frac_positive": (positive.double() / n).cpu(),
+            "dead": (positive == 0).cpu(),
+            "saturated": (positive == count).cpu() if count else torch.zeros(
+                self.channels, dtype=torch.bool),
+            "histogram": self.hist.cpu(),
+        }
+
+
+def _eager_hist(rows: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """(R, bins) counts with bucketize (``edges[j-1] < x <= edges[j]`` is bin j)."""
+    bins = edges.numel() + 1
+    ids = torch.bucketize(rows.float(), edges, right=False)
+    ids += torch.arange(rows.shape[0], device=rows.device).view(-1, 1) * bins
+    return torch.bincount(ids.view(-1), minlength=rows.shape[0] * bins).view(-1, bins)
+
+
+def _counts_from_above(above: torch.Tensor, m: int) -> torch.Tensor:
+    """Histogram (R, E+1) from counts of values above each edge (R, E)."""
+    full = torch.full_like(above[:, :1], m)
+    upper = torch.cat([full, above], dim=1)  # x > -inf, x > e0, ...
+    lower = torch.cat([above, torch.zeros_like(above[:, :1])], dim=1)
+    return upper - lower
+
+
+def _empty_top(c: int, k: int, device: torch.device) -> dict[str, torch.Tensor]:
+    return {
+        "value": torch.full((c, k), -float("inf"), dtype=torch.float32, device=device),
+        "index": torch.full((c, k), PAD_INDEX, dtype=torch.int64, device=device),
+        "location": torch.zeros((c, k, 2), dtype=torch.int32, device=device),
+    }
+
+
+def _merge_top(top: dict[str, torch.Tensor], value: torch.Tensor, index: torch.Tensor,
+               location: torch.Tensor) -> None:
+    """Merge candidates (C, M) into the (C, k) lists in ``top``, in place.
+
+    Order: value descending, then image index ascending (a total order, so the result is
+    the same for any batching, sharding or merge order). NaN ranks below everything.
+    """
+    k = top["value"].shape[1]
+    values = torch.cat([top["value"], torch.nan_to_num(value.float(), nan=-float("inf"))], 1)
+    indices = torch.cat([top["index"], index], 1)
+    locations = torch.cat([top["location"], location], 1)
+    by_index = torch.argsort(indices, dim=1, stable=True)
+    values, indices = values.gather(1, by_index), indices.gather(1, by_index)
+    locations = locations.gather(1, by_index.unsqueeze(-1).expand(-1, -1, 2))
+    order = torch.argsort(values, dim=1, descending=True, stable=True)[:, :k]
+    top["value"] = values.gather(1, order)
+    top["index"] = indices.gather(1, order)
+    top["location"] = locations.gather(1, order.unsqueeze(-1).expand(-1, -1, 2))
