@@ -43,7 +43,8 @@ def test_vgg16_conv_outputs_match_feature_extractor_without_inplace(vgg16, image
         torch.testing.assert_close(acts[name], expected[name], rtol=0, atol=0)
     # The stock model's in-place ReLU overwrote its conv output: a naive hook is wrong.
     assert acts["features.28"].min() < 0
-    naive = create_feature_extractor(vgg16, return_nodes=["features.28"])
+    # (the extractor only runs the ReLU when a later node is requested too)
+    naive = create_feature_extractor(vgg16, return_nodes=["features.28", "features.30"])
     with torch.no_grad():
         post_relu = naive(image_batch)["features.28"]
     assert (acts["features.28"] - post_relu).abs().max() > 0.1

@@ -98,8 +98,11 @@ def _decode(handle: Any, what: str, max_pixels: int | None) -> Image.Image:
             image.load()  # decode now, inside the try, so truncated files fail here
             image = ImageOps.exif_transpose(image)
             return _to_rgb(image)
-    except (UnidentifiedImageError, Image.DecompressionBombError) as error:
-        raise ImageError(f"{what} is not a readable image ({error})") from error
+    except UnidentifiedImageError as error:
+        raise ImageError(f"{what} is not a readable image (unknown or unsupported format)"
+                         ) from error
+    except Image.DecompressionBombError as error:
+        raise ImageTooLargeError(f"{what} is not a safe image to decode ({error})") from error
     except (OSError, SyntaxError, ValueError) as error:
         if isinstance(error, ImageError):
             raise

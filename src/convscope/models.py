@@ -333,6 +333,8 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], list[str] | No
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {error}") from error
         raise CheckpointError(
             f"{path} holds pickled Python objects that torch.load(weights_only=True) refuses "
             "to run; save model.state_dict() instead of the whole model"

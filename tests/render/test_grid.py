@@ -1,0 +1,127 @@
+"""feature_grid / filter_grid: tiles hold the right values, inputs are never modified."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from convscope.render.colormap import colormap_lut
+from convscope.render.grid import feature_grid, filter_grid
+
+
+def _tile(image, row: int, col: int, h: int, w: int, pad: int = 1) -> np.ndarray:
+    array = np.asarray(image)
+    top, left = pad + row * (h + pad), pad + col * (w + pad)
+    return array[top:top + h, left:left + w]
+
+
+def _expected_channel_tile(channel: np.ndarray, cmap: str) -> np.ndarray:
+    """Independent per-channel min-max scaling and 256-level colour lookup."""
+    scaled = (channel - channel.min()) / (channel.max() - channel.min())
+    index = np.floor(scaled * 255 + 0.5).astype(int)
+    return colormap_lut(cmap)[index]
+
+
+def test_tile_r_c_holds_channel_r_times_cols_plus_c():
+    torch.manual_seed(0)
+    act = torch.randn(10, 4, 5)
+    before = act.clone()
+    image = feature_grid(act, cols=4, cmap="gray")
+    assert image.size == (1 + 4 * 6, 1 + 3 * 5)
+    for channel in range(10):
+        row, col = divmod(channel, 4)
+        tile = _tile(image, row, col, 4, 5)
+        np.testing.assert_array_equal(tile, _expected_channel_tile(act[channel].numpy(), "gray"))
+    assert torch.equal(act, before)
+    # The two empty cells of the last row are padding colour.
+    assert (_tile(image, 2, 3, 4, 5) == 255).all()
+
+
+def test_layer_normalisation_shares_one_range_and_none_clips():
+    act = torch.stack([torch.full((2, 2), 1.0), torch.full((2, 2), 3.0)])
+    act[0, 0, 0] = 5.0
+    image = feature_grid(act, cols=2, normalize="layer", cmap="gray", pad=0)
+    array = np.asarray(image)[..., 0]
+    lut = colormap_lut("gray")[:, 0]
+    assert array[0, 0] == lut[255] and array[0, 1] == lut[0]
+    assert array[0, 2] == lut[round(2 / 4 * 255)]
+    clipped = np.asarray(feature_grid(act, cols=2, normalize="none", cmap="gray", pad=0))
+    assert clipped[0, 2, 0] == lut[255] and clipped[1, 0, 0] == lut[255]
+    constant = np.asarray(feature_grid(torch.ones(1, 3, 3), pad=0))
+    assert (constant == colormap_lut("viridis")[0]).all()
+
+
+def test_sort_channel_selection_and_batches():
+    act = torch.zeros(5, 3, 3)
+    for channel, peak in enumerate([1.0, 5.0, 3.0, 4.0, 2.0]):
+        act[channel, 1, 1] = peak
+    image = feature_grid(act.clone(), sort="max", channels=3, cols=3, normalize="layer",
+                         cmap="gray", pad=0)
+    centres = np.asarray(image)[1, [1, 4, 7], 0]
+    lut = colormap_lut("gray")[:, 0]
+    assert list(centres) == [lut[255], lut[round(4 / 5 * 255)], lut[round(3 / 5 * 255)]]
+    picked = feature_grid(act, channels=[4, 0], cols=2, normalize="none", pad=0)
+    assert picked.size == (6, 3)
+    two = feature_grid(torch.randn(2, 6, 3, 3), cols=3, pad=1)
+    one = feature_grid(torch.randn(6, 3, 3), cols=3, pad=1)
+    assert two.size[0] == one.size[0] and two.size[1] > 2 * one.size[1]
+    big = feature_grid(act, tile_size=12, cols=5, pad=0)
+    assert big.size == (60, 12)
+    np.testing.assert_array_equal(np.asarray(big)[:4, :4], np.asarray(big)[:1, :1].repeat(4, 0).repeat(4, 1))
+
+
+def test_labels_and_numpy_input():
+    act = np.random.default_rng(0).random((4, 32, 32)).astype(np.float32)
+    plain = np.asarray(feature_grid(act, cols=2))
+    labelled = np.asarray(feature_grid(act, cols=2, labels=True))
+    assert plain.shape == labelled.shape and (plain != labelled).any()
+
+
+def test_bad_inputs_get_clear_errors():
+    with pytest.raises(TypeError, match="list"):
+        feature_grid([[1.0]])
+    with pytest.raises(ValueError, match="no spatial map"):
+        feature_grid(torch.randn(4, 10))
+    with pytest.raises(IndexError, match="out of range"):
+        feature_grid(torch.randn(4, 3, 3), channels=[7])
+    with pytest.raises(ValueError, match="normalize"):
+        feature_grid(torch.randn(4, 3, 3), normalize="global")
+    from convscope.render.colormap import UnknownColormapError
+
+    with pytest.raises(UnknownColormapError, match="viridis"):
+        feature_grid(torch.randn(4, 3, 3), cmap="virdis")
+
+
+def test_rgb_filters_share_one_symmetric_scale_with_zero_at_mid_grey():
+    torch.manual_seed(0)
+    weights = torch.randn(6, 3, 3, 3)
+    weights[0] = 0.0
+    before = weights.clone()
+    image = filter_grid(weights, cols=3, tile_size=3, pad=1)
+    scale = weights.abs().max()
+    for index in range(6):
+        row, col = divmod(index, 3)
+        tile = _tile(image, row, col, 3, 3)
+        expected = np.floor((weights[index] / (2 * scale) + 0.5).permute(1, 2, 0).numpy() * 255 + 0.5)
+        np.testing.assert_array_equal(tile, expected.astype(np.uint8))
+    assert (_tile(image, 0, 0, 3, 3) == 128).all()  # an all-zero filter is mid-grey
+    assert torch.equal(weights, before)
+    enlarged = filter_grid(weights, cols=3, pad=0)  # default: 3x3 kernels drawn 24 px wide
+    assert enlarged.size == (72, 48)
+
+
+def test_deep_filters_mean_and_per_channel_modes():
+    weights = torch.zeros(2, 4, 1, 1)
+    weights[0, :, 0, 0] = torch.tensor([1.0, 1.0, -1.0, 3.0])  # mean 1
+    weights[1, :, 0, 0] = -2.0  # mean -2
+    lut = colormap_lut("RdBu_r")
+    mean = np.asarray(filter_grid(weights, cols=2, tile_size=1, pad=0))
+    np.testing.assert_array_equal(mean[0, 0], lut[round((1 / 4 + 0.5) * 255)])
+    np.testing.assert_array_equal(mean[0, 1], lut[0])
+    channels = np.asarray(filter_grid(weights, mode="channels", tile_size=1, pad=0))
+    assert channels.shape == (2, 4, 3)  # one row per filter, one column per input channel
+    np.testing.assert_array_equal(channels[0, 3], lut[255])
+    np.testing.assert_array_equal(channels[0, 2], lut[round((-1 / 6 + 0.5) * 255)])
+    with pytest.raises(ValueError, match="3 input channels"):
+        filter_grid(weights, mode="rgb")
