@@ -71,6 +71,7 @@ function setImage(img, url) {
   img.src = url;
 }
 function fmt(value) {
+  if (Number.isInteger(value)) return String(value);
   return Math.abs(value) >= 100 || value === 0 ? String(+value.toFixed(2)) : value.toPrecision(3);
 }
 
@@ -176,8 +177,12 @@ async function updateGrid() {
 }
 async function updateChannel() {
   const title = $("channel-title");
-  if (state.channel === "" || !state.layer) {
+  const hasChannel = state.channel !== "" && state.layer !== "";
+  $("channel-img").hidden = !hasChannel;
+  if (!hasChannel) {
     title.textContent = "Channel (click the grid)";
+    $("channel-stats").innerHTML = "";
+    $("filter-title").hidden = $("filter-img").hidden = true;
     return;
   }
   const info = await getJSON("/api/channel?" + query({ layer: state.layer, channel: state.channel }));
