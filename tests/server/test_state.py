@@ -1,0 +1,77 @@
+"""The explorer's LRU cache: bounded, computes each key once across threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from convscope.server.state import LRUCache
+
+
+def test_lru_evicts_least_recently_used():
+    cache: LRUCache[int] = LRUCache(2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # a is now the most recent
+    cache.put("c", 3)
+    assert "b" not in cache
+    assert cache.get("a") == 1
+    assert cache.get("c") == 3
+
+
+def test_byte_bound_keeps_newest():
+    cache: LRUCache[bytes] = LRUCache(10, max_bytes=10, size=len)
+    cache.put("a", b"12345678")
+    cache.put("b", b"123456")
+    assert "a" not in cache
+    cache.put("c", b"x" * 50)  # larger than the bound alone: still kept, others dropped
+    assert len(cache) == 1
+    assert cache.get("c") == b"x" * 50
+
+
+def test_concurrent_misses_compute_once_and_failures_are_not_cached():
+    cache: LRUCache[int] = LRUCache(4)
+    calls = []
+
+    def slow() -> int:
+        calls.append(1)
+        time.sleep(0.05)
+        return 42
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get_or_compute("k", slow)))
+               for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [42] * 8
+    assert len(calls) == 1
+
+    def boom() -> int:
+        raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError):
+        cache.get_or_compute("bad", boom)
+    assert "bad" not in cache
+    assert cache.get_or_compute("bad", lambda: 7) == 7
+
+
+def test_different_keys_compute_in_parallel():
+    cache: LRUCache[int] = LRUCache(4)
+    barrier = threading.Barrier(2, timeout=5)
+
+    def compute() -> int:
+        barrier.wait()  # deadlocks (BrokenBarrierError) if keys were serialised
+        return 1
+
+    threads = [threading.Thread(target=cache.get_or_compute, args=(key, compute))
+               for key in ("x", "y")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert "x" in cache
+    assert "y" in cache
