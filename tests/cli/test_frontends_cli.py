@@ -1,0 +1,73 @@
+"""``convscope serve`` and ``convscope report`` from the command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from convscope.cli.main import main
+
+
+def test_report_command_writes_one_file(tmp_path, capsys):
+    out = tmp_path / "sub" / "r.html"
+    code = main(["report", "sample:chelsea", "--layers", "_blocks.3", "--layers", "_conv_head",
+                 "--cam-topk", "1", "--out", str(out)])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert str(out) in captured.out
+    assert "MiB" in captured.out
+    text = out.read_text()
+    assert "Egyptian cat" in text
+    assert "_conv_head — 1280×7×7" in text
+    assert "_blocks.3 — 40×28×28" in text
+    assert "Class activation maps (gradcam, top-1 classes)" in text
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["report", "sample:chelsea", "--model", "resnet19"], "did you mean"),
+    (["report", "sample:chelsy"], "'chelsea'"),
+    (["report", "no/such/file.png"], "no such image file"),
+])
+def test_report_errors_are_one_line(tmp_path, capsys, argv, needle):
+    code = main([*argv, "--out", str(tmp_path / "x.html")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "x.html").exists()
+
+
+def test_serve_binds_loopback_by_default(monkeypatch, tmp_path, capsys):
+    import uvicorn
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(tmp_path / "a.png")
+    seen = {}
+
+    def fake_run(app, host, port, **kwargs):
+        seen.update(app=app, host=host, port=port)
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    assert main(["serve", "--model", "resnet18", "--image", str(tmp_path), "--port", "8765",
+                 "--max-upload-mb", "1"]) == 0
+    assert seen["host"] == "127.0.0.1"
+    assert seen["port"] == 8765
+    state = seen["app"].state.convscope
+    assert list(state.models.entries) == ["resnet18"]
+    assert state.models["resnet18"].loaded is not None  # loaded once, before serving
+    assert state.settings.max_upload_bytes == 1024 * 1024
+    assert "file:a.png" in {row["id"] for row in state.images.listing()}
+    assert "127.0.0.1:8765" in capsys.readouterr().err
+    assert main(["serve", "--model", "resnet18", "--host", "0.0.0.0"]) == 0
+    assert seen["host"] == "0.0.0.0"
+    assert "other machines" in capsys.readouterr().err
+
+
+def test_frontends_module_imports_no_heavy_packages():
+    code = ("import sys, convscope.cli.frontends; "
+            "print(sorted(m for m in ('torch', 'fastapi', 'uvicorn') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"
