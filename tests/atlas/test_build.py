@@ -1,0 +1,234 @@
+"""build(): results equal a brute-force computation holding every activation; bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from convscope.atlas import (
+    Atlas,
+    AtlasExistsError,
+    EmptyDatasetError,
+    TopKTooLargeError,
+    build,
+    list_images,
+)
+from convscope.errors import UnknownLayerError
+from convscope.hooks import capture
+from convscope.images import load_image
+
+LAYERS = ["0", "3", "7"]  # conv (pre-ReLU), second conv, the Linear head (C,) -> (C, 1, 1)
+
+
+def brute_force(loaded, paths: list[str], layers: list[str], k: int, batch_size: int,
+                edges: np.ndarray) -> tuple[list[str], dict]:
+    """Every activation of every readable image in memory, reduced with numpy.
+
+    Batches are formed like build() forms them (consecutive listed files, unreadable ones
+    dropped) so the forward passes are bit-identical and only the reductions differ."""
+    readable, chunks = [], []
+    for start in range(0, len(paths), batch_size):
+        batch = []
+        for path in paths[start:start + batch_size]:
+            try:
+                batch.append(loaded.transform(load_image(path)))
+                readable.append(path)
+            except Exception:
+                continue
+        if batch:
+            with torch.no_grad(), capture(loaded.module, layers) as acts:
+                loaded.module(torch.stack(batch))
+            chunks.append({name: acts[name].numpy() for name in layers})
+    expected = {}
+    for name in layers:
+        acts = np.concatenate([chunk[name] for chunk in chunks])
+        if acts.ndim == 2:
+            acts = acts[:, :, None, None]
+        n, c, h, w = acts.shape
+        flat = acts.reshape(n, c, h * w)
+        spatial_max, arg = flat.max(-1), flat.argmax(-1)
+        spatial_mean = flat.astype(np.float64).mean(-1)
+        result = {}
+        for by, score in (("max", spatial_max), ("mean", spatial_mean)):
+            index = np.empty((c, k), np.int64)
+            for ch in range(c):
+                order = np.lexsort((np.arange(n), -score[:, ch]))  # value desc, index asc
+                index[ch] = order[:k]
+            value = np.take_along_axis(score.T, index, 1)
+            where = np.take_along_axis(arg.T, index, 1)
+            result[by] = (index, value, np.stack([where // w, where % w], -1))
+        values = acts.transpose(1, 0, 2, 3).reshape(c, -1).astype(np.float64)
+        bins = np.searchsorted(edges, values, side="left")
+        result["stats"] = {
+            "count": np.full(c, values.shape[1]),
+            "mean": values.mean(1), "std": values.std(1), "max": values.max(1),
+            "frac_positive": (values > 0).mean(1), "dead": ~(values > 0).any(1),
+            "saturated": (values > 0).all(1),
+            "histogram": np.stack([np.bincount(b, minlength=len(edges) + 1) for b in bins]),
+        }
+        expected[name] = result
+    return readable, expected
+
+
+@pytest.fixture(scope="module")
+def built(image_folder: Path, tmp_path_factory: pytest.TempPathFactory, factory_dir: Path):
+    import dataclasses
+    import sys
+
+    from convscope.models import Preprocess, load_model
+
+    sys.path.insert(0, str(factory_dir))
+    try:
+        loaded = load_model("tinyatlas:build", device="cpu")
+    finally:
+        sys.path.remove(str(factory_dir))
+    loaded = dataclasses.replace(loaded, transform=Preprocess(resize=48, crop=40))
+    out = tmp_path_factory.mktemp("atlas-out") / "atlas"
+    atlas = build(loaded, image_folder, LAYERS, topk=4, rank_by=("max", "mean"),
+                  batch_size=5, out=out, crop_size=16)
+    return loaded, atlas, out
+
+
+def test_topk_stats_and_locations_equal_brute_force(built, image_folder):
+    loaded, atlas, _ = built
+    paths = list_images(image_folder).paths
+    readable, expected = brute_force(loaded, paths, LAYERS, 4, 5, atlas.histogram_edges)
+    assert atlas.images == readable
+    for name in LAYERS:
+        for by in ("max", "mean"):
+            index, value, location = atlas.topk(name, by)
+            want_index, want_value, want_location = expected[name][by]
+            np.testing.assert_array_equal(index, want_index)
+            np.testing.assert_allclose(value, want_value, rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(location, want_location)
+            assert np.all(np.diff(value, axis=1) <= 0)  # sorted descending
+        stats = atlas.stats(name)
+        want = expected[name]["stats"]
+        for key in ("count", "dead", "saturated"):
+            np.testing.assert_array_equal(stats[key], want[key], err_msg=key)
+        for key in ("mean", "std", "max", "frac_positive"):
+            np.testing.assert_allclose(stats[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        np.testing.assert_array_equal(atlas.histogram(name)[0], want["histogram"])
+
+
+def test_ties_prefer_the_lower_image_index(built):
+    _, atlas, _ = built
+    original = atlas.images.index(next(p for p in atlas.images if p.endswith("p03.png")))
+    duplicate = atlas.images.index(next(p for p in atlas.images if "duplicate" in p))
+    index, value, _ = atlas.topk("3")
+    for ch in range(index.shape[0]):
+        row = list(index[ch])
+        if original in row and duplicate in row:
+            assert row.index(min(original, duplicate)) + 1 == row.index(max(original, duplicate))
+            assert value[ch, row.index(original)] == value[ch, row.index(duplicate)]
+
+
+def test_bad_files_are_skipped_listed_and_labels_read(built):
+    _, atlas, out = built
+    skipped = {Path(s["path"]).name: s["error"] for s in atlas.skipped}
+    assert set(skipped) == {"broken.png", "fake.jpg", "README.txt"}
+    assert "image" in skipped["fake.jpg"].lower()
+    assert len(atlas.images) == 18
+    assert atlas.labels[0] == "patterns"
+    assert atlas.labels[-1] == "photos"
+    meta = json.loads((out / "atlas.json").read_text())
+    assert meta["dataset"] == {"source": str(meta["dataset"]["source"]), "listed": 20,
+                               "images": 18, "skipped": 3}
+
+
+def test_save_load_roundtrip_crops_and_html(built):
+    loaded, atlas, out = built
+    again = Atlas.load(out)
+    assert again.images == atlas.images
+    assert again.layers == LAYERS
+    for name in LAYERS:
+        for x, y in zip(again.topk(name), atlas.topk(name), strict=True):
+            np.testing.assert_array_equal(x, y)
+    # A crop is the receptive-field box of the preprocessed view, scaled into its tile.
+    index, _, location = atlas.topk("0")
+    boxes = atlas.boxes("0")
+    rf = atlas.meta["layers"]["0"]["receptive_field"]
+    row, col = location[1, 0]
+    centre = (rf["start"][0] + row * rf["stride"][0], rf["start"][1] + col * rf["stride"][1])
+    top, left, bottom, right = boxes[1, 0]
+    assert rf["size"] == [5, 5]
+    assert rf["stride"] == [4, 4]
+    assert top <= centre[0] < bottom
+    assert left <= centre[1] < right
+    assert bottom - top <= 5
+    strip = np.asarray(Image.open(out / "crops" / "0" / "1.jpg")).astype(float)
+    assert strip.shape == (16, 16 * 4, 3)
+    from convscope.atlas.crops import _fit
+
+    def tile_of(image_index: int) -> np.ndarray:
+        view = loaded.transform.to_display(loaded.transform(load_image(atlas.images[image_index])))
+        pixels = (view.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+        return _fit(pixels[top:bottom, left:right], 16).astype(float)
+
+    error = np.abs(tile_of(index[1, 0]) - strip[:, :16]).mean()
+    other = next(i for i in range(len(atlas.images)) if i not in index[1])
+    assert error < 6 < np.abs(tile_of(other) - strip[:, :16]).mean()  # JPEG loss only
+    html = (out / "index.html").read_text()
+    assert "layers/3.html" in html
+    assert "broken.png" in html
+    assert "crops/3/5.jpg" in (out / "layers" / "3.html").read_text()
+    assert atlas.top_classes("3", 0)[0][1] >= 1
+
+
+def test_dataset_and_dataloader_inputs_match_folder(tiny_loaded):
+    torch.manual_seed(1)
+    images = torch.randn(10, 3, 40, 40)
+    dataset = torch.utils.data.TensorDataset(images, torch.zeros(10))
+    from_dataset = build(tiny_loaded, dataset, ["3"], topk=3, batch_size=4)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4)
+    from_loader = build(tiny_loaded, loader, ["3"], topk=3)
+    with torch.no_grad(), capture(tiny_loaded.module, "3") as acts:
+        tiny_loaded.module(images)
+    spatial_max = acts["3"].flatten(2).amax(-1)  # (10, 6)
+    want = torch.argsort(spatial_max.T, dim=1, descending=True, stable=True)[:, :3]
+    for atlas in (from_dataset, from_loader):
+        index, value, _ = atlas.topk("3")
+        np.testing.assert_array_equal(index, want.numpy())
+        np.testing.assert_allclose(value, spatial_max.T.gather(1, want).numpy(), rtol=1e-5)
+    assert from_dataset.images[0] == "item[0]"
+
+
+def test_model_left_as_it_was(tiny_loaded, image_folder):
+    module = tiny_loaded.module
+    module.train()
+    module[0].eval()
+    flags = [m.training for m in module.modules()]
+    build(tiny_loaded, image_folder, ["0"], topk=2, batch_size=8)
+    assert [m.training for m in module.modules()] == flags
+    assert all(not m._forward_hooks for m in module.modules())
+
+
+def test_clear_errors(tiny_loaded, image_folder, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x")
+    with pytest.raises(EmptyDatasetError, match="no image"):
+        build(tiny_loaded, empty, ["0"])
+    with pytest.raises(UnknownLayerError, match="did you mean"):
+        build(tiny_loaded, image_folder, ["33"])
+    with pytest.raises(TopKTooLargeError, match="larger than the dataset"):
+        build(tiny_loaded, image_folder, ["0"], topk=50)
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    (only_bad / "a.png").write_text("x")
+    with pytest.raises(EmptyDatasetError, match="could be read"):
+        build(tiny_loaded, only_bad, ["0"], topk=1)
+    out = tmp_path / "out"
+    build(tiny_loaded, image_folder, ["0"], topk=2, out=out, crops=False)
+    build(tiny_loaded, image_folder, ["0"], topk=2, out=out, crops=False)  # same atlas: fine
+    with pytest.raises(AtlasExistsError, match="--force"):
+        build(tiny_loaded, image_folder, ["3"], topk=2, out=out, crops=False)
+    atlas = build(tiny_loaded, image_folder, ["3"], topk=2, out=out, crops=False, force=True)
+    assert Atlas.load(out).layers == ["3"] == atlas.layers
+    with pytest.raises(UnknownLayerError):
+        atlas.topk("0")
