@@ -366,6 +366,7 @@ def cam(
             part_target = list(target)[part] if isinstance(target, (list, tuple)) else target
             raw = _cam_batch(module, chosen, x[part], kind, part_target, call, output,
                              class_names, batch_size, top_channels)
+            check_finite(raw, f"the {kind} map of layer {chosen[0]!r}")
             raws.append(raw.detach())
     raw_maps = torch.cat(raws)
     maps = normalize(upsample(raw_maps.float(), tuple(x.shape[-2:])))
@@ -394,7 +395,7 @@ def _cam_batch(module: nn.Module, layer: tuple[str, nn.Module], x: torch.Tensor,
             raise AttributionError(
                 f"the target score does not depend on layer {layer[0]!r} (call {call})"
             )
-        check_finite(grads, f"layer {layer[0]!r}")
+        check_finite(grads, f"the gradient of the target w.r.t. layer {layer[0]!r}")
         acts = acts.detach()
         return _gradient_cam(kind, acts, grads)
     if kind == "ablationcam":

@@ -100,14 +100,17 @@ def normalize(maps: torch.Tensor) -> torch.Tensor:
     return scaled.reshape(maps.shape)
 
 
-def check_finite(grad: torch.Tensor, what: str) -> None:
-    """Raise instead of returning a silently blank map when a gradient holds NaN/inf."""
-    bad = ~torch.isfinite(grad.reshape(grad.shape[0], -1)).all(dim=1)
+def check_finite(values: torch.Tensor, what: str) -> None:
+    """Raise instead of returning a silently blank map when values hold NaN/inf.
+
+    ``what`` names them: "the gradient of the target w.r.t. the input", "the map".
+    """
+    bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
     if bad.any():
         samples = bad.nonzero().flatten().tolist()
         raise AttributionError(
-            f"the gradient of the target w.r.t. {what} contains NaN or inf for sample(s) "
-            f"{samples}; the model's output or input is not finite, or a layer divides by zero"
+            f"{what} contains NaN or inf for sample(s) {samples}; the input, the weights "
+            "or the model's output are not finite, or a layer divides by zero"
         )
 
 

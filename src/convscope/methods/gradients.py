@@ -79,7 +79,7 @@ def _input_grad(module: nn.Module, inputs: torch.Tensor, fn: Callable,
         if not scores.requires_grad:
             raise AttributionError("the target score does not depend on the input")
         (grad,) = torch.autograd.grad(scores.sum(), leaf)
-    check_finite(grad, "the input")
+    check_finite(grad, "the gradient of the target w.r.t. the input")
     return grad
 
 
@@ -134,26 +134,37 @@ def saliency(
         raise UnknownSaliencyMethodError(method, METHODS)
     module, class_names = unwrap_model(model)
     x = check_input(x, module)
-    n = x.shape[0]
     with borrowed(module, what="saliency"):
         with torch.no_grad():
             logits = select_output(module(x), output)
         fn = resolve_targets(target, logits, class_names=class_names)
-        every = torch.arange(n, device=x.device)
-        if kind in ("vanilla", "input_x_gradient"):
-            grads = torch.cat([_input_grad(module, x[p], fn, every[p], output)
-                               for p in chunks(n, batch_size)])
-            return grads if kind == "vanilla" else grads * x
-        if kind == "guided_backprop":
-            relus = {name: m for name, m in module.named_modules() if isinstance(m, nn.ReLU)}
-            with forward_hooks(relus, _guided_hook):
-                return torch.cat([_input_grad(module, x[p], fn, every[p], output)
-                                  for p in chunks(n, batch_size)])
-        if kind == "smoothgrad":
-            return _smoothgrad(module, x, fn, output, batch_size, noise_level, samples, seed)
-        if kind == "integrated_gradients":
-            return _integrated(module, x, fn, output, batch_size, baseline, steps, integration)
-        return _occlusion(module, x, fn, logits, output, batch_size, baseline, window, stride)
+        check_finite(logits, "the model output")
+        result = _run(kind, module, x, fn, logits, output, batch_size, noise_level, samples,
+                      seed, baseline, steps, integration, window, stride)
+    check_finite(result, f"the {kind} attribution")
+    return result
+
+
+def _run(kind: str, module: nn.Module, x: torch.Tensor, fn: Callable, logits: torch.Tensor,
+         output: OutputSpec, batch_size: int, noise_level: float, samples: int, seed: int,
+         baseline: float | torch.Tensor, steps: int, integration: str,
+         window: int | tuple[int, int], stride: int | tuple[int, int]) -> torch.Tensor:
+    n = x.shape[0]
+    every = torch.arange(n, device=x.device)
+    if kind in ("vanilla", "input_x_gradient"):
+        grads = torch.cat([_input_grad(module, x[p], fn, every[p], output)
+                           for p in chunks(n, batch_size)])
+        return grads if kind == "vanilla" else grads * x
+    if kind == "guided_backprop":
+        relus = {name: m for name, m in module.named_modules() if isinstance(m, nn.ReLU)}
+        with forward_hooks(relus, _guided_hook):
+            return torch.cat([_input_grad(module, x[p], fn, every[p], output)
+                              for p in chunks(n, batch_size)])
+    if kind == "smoothgrad":
+        return _smoothgrad(module, x, fn, output, batch_size, noise_level, samples, seed)
+    if kind == "integrated_gradients":
+        return _integrated(module, x, fn, output, batch_size, baseline, steps, integration)
+    return _occlusion(module, x, fn, logits, output, batch_size, baseline, window, stride)
 
 
 def _expand(x: torch.Tensor, copies: int) -> tuple[torch.Tensor, torch.Tensor]:
