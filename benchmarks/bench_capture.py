@@ -83,7 +83,7 @@ def _speed(repeats: int) -> list[tuple[str, float, str]]:
 
         rows.append(("TorchLens trace (records every op; no per-layer selection used)",
                      _median_time(run_torchlens, max(1, repeats // 2)), ""))
-    except Exception as error:  # noqa: BLE001 - a peer failing is reported, not fatal
+    except Exception as error:
         rows.append(("TorchLens trace", float("nan"), f"failed: {str(error)[:80]}"))
     return [(name, seconds, note or f"{seconds / base:.3f}x") for name, seconds, note in rows]
 

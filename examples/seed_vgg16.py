@@ -24,7 +24,7 @@ def load_vgg16() -> tuple[torch.nn.Module, str]:
     """Pretrained VGG16 if its weights can be had, else random init (reported)."""
     try:
         return models.vgg16(weights=models.VGG16_Weights.IMAGENET1K_V1), "pretrained (ImageNet)"
-    except Exception as error:  # noqa: BLE001 - offline: no download, no cache
+    except Exception as error:
         print(f"pretrained VGG16 weights unavailable ({type(error).__name__}); "
               "using RANDOM weights: the pictures show structure, not learned features")
         return models.vgg16(weights=None), "random weights"

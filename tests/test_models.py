@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -134,7 +133,7 @@ def test_factory_spec_builds_user_models(tmp_path, monkeypatch):
     assert loaded.class_names is None and loaded.label(3) == "class 3"
     with pytest.raises(UnknownModelError, match="my_models:small"):
         load_model("my_models:smal", device="cpu")
-    with pytest.raises(Exception, match="not an nn.Module"):
+    with pytest.raises(Exception, match=r"not an nn\.Module"):
         load_model("my_models:not_a_model", device="cpu")
 
 

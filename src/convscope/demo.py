@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from .hooks import capture
 from .filters import conv_filters
+from .hooks import capture
 from .images import load_image
 from .layers import LayerCall, list_layers, overview_layers
 from .models import LoadedModel, Prediction

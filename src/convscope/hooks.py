@@ -197,7 +197,7 @@ class LayerActivations:
         (self.layer_name, self.module), = modules.items()
         self.hook = self.module.register_forward_hook(self.hook_fn)
 
-    def hook_fn(self, module: nn.Module, input: tuple, output: Any) -> None:  # noqa: A002
+    def hook_fn(self, module: nn.Module, input: tuple, output: Any) -> None:
         self.features = copy_output(output, "cpu", None)
 
     def remove(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -22,7 +22,7 @@ DEFAULT_MAX_PIXELS = 64_000_000
 #: Bundled photos from scikit-image, usable as ``"sample:NAME"``.
 SAMPLES = ("chelsea", "coffee", "rocket", "astronaut")
 
-ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray, Any]
+ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray | Any
 
 
 def sample_names() -> list[str]:

@@ -12,7 +12,7 @@ import fnmatch
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,8 +20,8 @@ from torch import nn
 from .errors import UnknownLayerError
 
 #: What a ``layers`` argument may be: one selector or a list of them.
-LayerSelector = Union[str, int, type, nn.Module]
-LayerSpec = Union[LayerSelector, Sequence[LayerSelector]]
+LayerSelector = str | int | type | nn.Module
+LayerSpec = LayerSelector | Sequence[LayerSelector]
 
 _GLOB_CHARS = set("*?[")
 

@@ -20,7 +20,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, positional: bool = False)
     else:
         group.add_argument("--model", "-m", default=DEFAULT_MODEL,
                            help="torchvision name (vgg16, resnet50, ...), efficientnet_lite0 "
-                                f"(bundled, pretrained; default), a checkpoint .pt/.pth with --arch, "
+                                "(bundled, pretrained; default), a checkpoint .pt/.pth with --arch, "
                                 "or package.module:factory")
     group.add_argument("--weights", help="DEFAULT, IMAGENET1K_V1 or a checkpoint path "
                                          "(torchvision models; default: random init)")

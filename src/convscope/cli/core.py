@@ -78,8 +78,8 @@ def run_activations(args: argparse.Namespace) -> int:
     """``convscope activations``."""
     import torch
 
-    from convscope.hooks import capture
     from convscope.errors import ConvscopeError
+    from convscope.hooks import capture
     from convscope.images import load_image
     from convscope.layers import resolve_layers
     from convscope.render.grid import feature_grid

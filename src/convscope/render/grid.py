@@ -181,7 +181,7 @@ def feature_grid(
     values = _resize_tiles(values.flatten(0, 1), tile_size).unflatten(0, chosen.shape[:2])
     height, width = values.shape[-2:]
     count = values.shape[1]
-    rows, cols = _grid_shape(count, cols, height, width)
+    _, cols = _grid_shape(count, cols, height, width)
     lut = colormap_lut(cmap)
     blocks = []
     for sample in values:  # one block per image of the batch (not per channel)
