@@ -232,3 +232,33 @@ def test_clear_errors(tiny_loaded, image_folder, tmp_path):
     assert Atlas.load(out).layers == ["3"] == atlas.layers
     with pytest.raises(UnknownLayerError):
         atlas.topk("0")
+
+
+@pytest.mark.slow
+def test_pretrained_lite0_block_outputs_equal_brute_force(lite0, tmp_path):
+    """The real model: EfficientNet-Lite0 block outputs over photo crops."""
+    from skimage import data
+
+    paths = []
+    for name in ("chelsea", "coffee", "rocket"):
+        image = getattr(data, name)()
+        for i, part in enumerate((image, image[:, ::-1], image[image.shape[0] // 4:])):
+            path = tmp_path / f"{name}{i}.png"
+            Image.fromarray(np.ascontiguousarray(part)).save(path)
+            paths.append(str(path))
+    layers = ["_blocks.0", "_blocks.15", "_conv_head"]
+    atlas = build(lite0, paths, layers, topk=3, batch_size=4)
+    readable, expected = brute_force(lite0, paths, layers, 3, 4, atlas.histogram_edges)
+    assert atlas.images == readable == paths
+    for name in layers:
+        index, value, location = atlas.topk(name)
+        np.testing.assert_array_equal(index, expected[name]["max"][0])
+        np.testing.assert_allclose(value, expected[name]["max"][1], rtol=1e-5)
+        np.testing.assert_array_equal(location, expected[name]["max"][2])
+        for key in ("mean", "std", "max", "frac_positive"):
+            np.testing.assert_allclose(atlas.stats(name)[key], expected[name]["stats"][key],
+                                       rtol=1e-4, atol=1e-5, err_msg=key)
+    assert atlas.stats("_conv_head")["mean"].shape == (1280,)
+    # The cat photos are predicted as cats (Egyptian cat / tiger cat / tabby).
+    cats = {lite0.class_index(n) for n in ("Egyptian cat", "tiger cat", "tabby")}
+    assert set(atlas.predictions[:3].tolist()) <= cats

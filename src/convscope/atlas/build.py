@@ -94,12 +94,12 @@ def build(
         if name not in RANKINGS:
             raise AtlasError(f"unknown ranking {name!r}; choose from {', '.join(RANKINGS)}")
     loaded = _as_loaded(model, device)
+    modules = resolve_layers(loaded.module, layers)
     source = _Source.make(data, loaded.transform, max_pixels)
     if topk > len(source.names):
         raise TopKTooLargeError(
-            f"--topk {topk} is larger than the dataset ({len(source.names)} images)"
+            f"topk {topk} (--topk) is larger than the dataset ({len(source.names)} images)"
         )
-    modules = resolve_layers(loaded.module, layers)
     infos = _layer_infos(loaded, modules, source.input_size)
 
     rank, world = _dist_rank_world(distributed)
