@@ -28,18 +28,30 @@ def _as_maps(act: Any) -> torch.Tensor:
     return x.flatten(2)
 
 
+def _per_channel(act: Any) -> torch.Tensor:
+    """``(C, M)``: every value of each channel (batch and positions pooled), a view when
+    the batch has one sample."""
+    maps = _as_maps(act)
+    if maps.shape[0] == 1:
+        return maps[0]
+    return maps.transpose(0, 1).reshape(maps.shape[1], -1)
+
+
 @torch.no_grad()
 def channel_stats(act: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-channel ``[C]`` tensors: mean, std (population), min, max, fraction of positive
     and of exactly-zero values, taken over the batch and all spatial positions."""
-    maps = _as_maps(act).transpose(0, 1).flatten(1)  # (C, N*L)
+    maps = _per_channel(act)
+    count = maps.shape[1]
+    std, mean = torch.std_mean(maps, dim=1, correction=0)
+    low, high = torch.aminmax(maps, dim=1)
     return {
-        "mean": maps.mean(1),
-        "std": maps.std(1, correction=0),
-        "min": maps.amin(1),
-        "max": maps.amax(1),
-        "frac_positive": (maps > 0).float().mean(1),
-        "frac_zero": (maps == 0).float().mean(1),
+        "mean": mean,
+        "std": std,
+        "min": low,
+        "max": high,
+        "frac_positive": torch.count_nonzero(maps > 0, dim=1) / count,
+        "frac_zero": (count - torch.count_nonzero(maps, dim=1)) / count,
     }
 
 
@@ -47,15 +59,16 @@ def channel_stats(act: torch.Tensor) -> dict[str, torch.Tensor]:
 def layer_summary(act: torch.Tensor) -> dict[str, Any]:
     """One layer's health in plain Python values: channel count, fraction of zero
     activations, dead channels (never positive) and the overall mean/max."""
-    maps = _as_maps(act)
-    stats = channel_stats(act)
-    dead = torch.nonzero(stats["max"] <= 0).flatten().tolist()
+    maps = _per_channel(act)
+    total = maps.numel()
+    high = maps.amax(1)
+    dead = torch.nonzero(high <= 0).flatten().tolist()
     return {
-        "channels": int(maps.shape[1]),
-        "frac_zero": float((maps == 0).float().mean()),
-        "frac_positive": float((maps > 0).float().mean()),
+        "channels": int(maps.shape[0]),
+        "frac_zero": float(total - int(torch.count_nonzero(maps))) / total,
+        "frac_positive": int(torch.count_nonzero(maps > 0)) / total,
         "mean": float(maps.mean()),
-        "max": float(maps.amax()),
+        "max": float(high.max()),
         "dead_channels": dead,
         "dead_count": len(dead),
     }

@@ -280,6 +280,17 @@ class ForwardResult:
     predictions: list[Any]
     acts: dict[str, Any]  # layer name -> (C, H, W) or (F,) CPU tensor of the last call
     nbytes: int
+    #: Small values derived from the activations (layer summaries, channel orders), kept
+    #: with them so switching back to a layer does not recompute them.
+    derived: dict[Hashable, Any] = field(default_factory=dict)
+
+    def memo(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per key (a race computes twice, harmlessly: same value)."""
+        try:
+            return self.derived[key]
+        except KeyError:
+            value = self.derived[key] = compute()
+            return value
 
 
 class ServerState:

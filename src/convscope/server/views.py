@@ -107,13 +107,18 @@ def activation(state: ServerState, model: str, image: str, layer: str
     return result, act
 
 
-def grid_layout(act: Any, params: GridParams) -> dict[str, Any]:
-    """Channels shown (in drawing order), columns and tile size of a feature grid, so the
-    browser can map a click on the image back to a channel."""
+def _order(result: ForwardResult, layer: str, act: Any, sort: str | None) -> list[int]:
     from ..stats import channel_order
 
+    return result.memo(("order", layer, sort), lambda: channel_order(act, sort))
+
+
+def grid_layout(result: ForwardResult, layer: str, act: Any, params: GridParams
+                ) -> dict[str, Any]:
+    """Channels shown (in drawing order), columns and tile size of a feature grid, so the
+    browser can map a click on the image back to a channel."""
     channels, height, width = act.shape
-    order = channel_order(act, params.sort)[: max(1, min(params.count, channels))]
+    order = _order(result, layer, act, params.sort)[: max(1, min(params.count, channels))]
     count = len(order)
     cols = max(1, min(count, math.ceil(math.sqrt(count * height / max(width, 1)))))
     tile = params.tile or max(8, min(max(height, width) * 8, GRID_WIDTH // cols))
@@ -126,10 +131,10 @@ def grid_view(state: ServerState, model: str, image: str, layer: str, params: Gr
     """Layout and layer statistics of the feature grid (JSON)."""
     from ..stats import layer_summary
 
-    _, act = activation(state, model, image, layer)
-    info = grid_layout(act, params)
+    result, act = activation(state, model, image, layer)
+    info = grid_layout(result, layer, act, params)
     info["layer"] = layer
-    info["stats"] = layer_summary(act)
+    info["stats"] = result.memo(("summary", layer), lambda: layer_summary(act))
     return info
 
 
@@ -138,8 +143,8 @@ def grid_image(state: ServerState, model: str, image: str, layer: str, params: G
     """The feature grid of ``layer`` (``feature_grid`` with the controls)."""
     from ..render.grid import feature_grid
 
-    _, act = activation(state, model, image, layer)
-    info = grid_layout(act, params)
+    result, act = activation(state, model, image, layer)
+    info = grid_layout(result, layer, act, params)
     return feature_grid(act, channels=info["channels"], cols=info["cols"],
                         normalize=params.normalize, cmap=params.cmap, pad=info["pad"],
                         tile_size=info["tile_size"])
@@ -156,15 +161,15 @@ def _check_channel(act: Any, layer: str, channel: int) -> None:
 def channel_view(state: ServerState, model: str, image: str, layer: str, channel: int
                  ) -> dict[str, Any]:
     """Statistics of one channel, its rank in the layer, and whether it has a filter."""
-    from ..stats import as_floats, channel_order, channel_stats
+    from ..stats import as_floats, channel_stats
 
-    _, act = activation(state, model, image, layer)
+    result, act = activation(state, model, image, layer)
     _check_channel(act, layer, channel)
     entry = state.models[model]
     info = entry.layer_info(layer)
     module = dict(entry.get().module.named_modules()).get(layer)
-    stats = as_floats(channel_stats(act), channel)
-    rank = channel_order(act, "mean").index(channel)
+    stats = as_floats(channel_stats(act[channel:channel + 1]), 0)
+    rank = _order(result, layer, act, "mean").index(channel)
     out: dict[str, Any] = {
         "layer": layer, "channel": channel, "type": info.type,
         "map_size": list(act.shape[1:]), "stats": stats, "rank_by_mean": rank,

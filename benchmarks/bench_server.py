@@ -1,0 +1,341 @@
+"""Explorer server speed on loopback: view switching, 16 concurrent clients, first view.
+
+The server runs in its own process (``uvicorn`` on 127.0.0.1, the bundled pretrained
+EfficientNet-Lite0, 224x224); clients are threads of this process using keep-alive HTTP
+connections. A *layer switch* is what the page requests when a layer is selected
+(``/api/grid`` then ``/api/grid.png``); a *channel switch* is ``/api/channel``,
+``/api/channel.png`` and, for conv layers, ``/api/filters.png``. Settings (normalisation,
+colour map, sort, channel count) vary between switches, so no response repeats.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlencode
+
+TITLE = "Explorer server (convscope serve)"
+
+SERVER_CODE = """
+import sys, uvicorn
+from convscope.server import Settings, create_app
+app = create_app(Settings(models=["efficientnet_lite0"], device="cpu", cache_entries=8))
+app.state.convscope.models["efficientnet_lite0"].get()
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+LAYERS = ["_conv_stem", "_blocks.0", "_blocks.1._expand_conv", "_blocks.1", "_blocks.2",
+          "_blocks.3._depthwise_conv", "_blocks.3", "_blocks.4", "_blocks.5._expand_conv",
+          "_blocks.6", "_blocks.8", "_blocks.9._depthwise_conv", "_blocks.10", "_blocks.11",
+          "_blocks.12._expand_conv", "_blocks.13", "_blocks.14", "_blocks.15", "_conv_head"]
+SETTINGS = [
+    {"normalize": "channel", "cmap": "viridis", "sort": "", "count": 64},
+    {"normalize": "layer", "cmap": "magma", "sort": "mean", "count": 32},
+    {"normalize": "channel", "cmap": "gray", "sort": "max", "count": 48},
+    {"normalize": "none", "cmap": "inferno", "sort": "", "count": 16},
+]
+IMAGE = "sample:chelsea"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Client:
+    """One keep-alive connection; ``get`` returns the body and raises on non-200."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+
+    def request(self, method: str, path: str, params: dict | None = None,
+                body: bytes | None = None) -> bytes:
+        url = path + ("?" + urlencode(params) if params else "")
+        try:
+            self.conn.request(method, url, body=body)
+            response = self.conn.getresponse()
+            data = response.read()
+        except (http.client.HTTPException, OSError):
+            self.conn.close()
+            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+            raise
+        if response.status != 200:
+            raise RuntimeError(f"{method} {url} -> {response.status}: {data[:200]!r}")
+        return data
+
+    def get(self, path: str, **params) -> bytes:
+        return self.request("GET", path, params)
+
+
+def layer_switch(client: Client, layer: str, settings: dict, image: str = IMAGE) -> dict:
+    params = {"image": image, "layer": layer, **settings}
+    info = json.loads(client.get("/api/grid", **params))
+    client.get("/api/grid.png", **params)
+    return info
+
+
+def channel_switch(client: Client, layer: str, channel: int, cmap: str, conv: bool,
+                   image: str = IMAGE) -> None:
+    params = {"image": image, "layer": layer, "channel": channel}
+    client.get("/api/channel", **params)
+    client.get("/api/channel.png", **params, cmap=cmap)
+    if conv:
+        client.get("/api/filters.png", layer=layer, channel=channel)
+
+
+class Workload:
+    """A random but reproducible sequence of layer and channel switches."""
+
+    def __init__(self, client: Client, seed: int, shapes: dict[str, list[int]],
+                 conv: set[str]):
+        self.client = client
+        self.rng = random.Random(seed)
+        self.shapes = shapes
+        self.conv = conv
+
+    def step(self) -> tuple[str, float]:
+        layer = self.rng.choice(LAYERS)
+        start = time.perf_counter()
+        if self.rng.random() < 0.5:
+            layer_switch(self.client, layer, self.rng.choice(SETTINGS))
+            kind = "layer"
+        else:
+            channel = self.rng.randrange(self.shapes[layer][0])
+            channel_switch(self.client, layer, channel, self.rng.choice(SETTINGS)["cmap"],
+                           layer in self.conv)
+            kind = "channel"
+        return kind, time.perf_counter() - start
+
+
+def _percentiles(values: list[float]) -> tuple[float, float, float]:
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+    return pick(0.50) * 1000, pick(0.95) * 1000, pick(0.99) * 1000
+
+
+def _run_clients(port: int, count: int, seconds: float, shapes, conv) -> dict:
+    latencies: list[float] = []
+    errors: list[str] = []
+    done = [0]
+    lock = threading.Lock()
+    stop = time.perf_counter() + seconds
+
+    def worker(seed: int) -> None:
+        work = Workload(Client(port), seed, shapes, conv)
+        while time.perf_counter() < stop:
+            try:
+                _, elapsed = work.step()
+            except Exception as error:
+                with lock:
+                    errors.append(str(error)[:200])
+                continue
+            with lock:
+                latencies.append(elapsed)
+                done[0] += 1
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(1000 + i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    return {"switches": done[0], "errors": errors, "wall": wall,
+            "throughput": done[0] / wall, "latencies": latencies}
+
+
+def _new_image_bytes(seed: int) -> bytes:
+    """A photo the server has not seen (a sample with a few pixels changed), as PNG."""
+    import numpy as np
+    from PIL import Image
+
+    from convscope.images import load_image
+
+    array = np.asarray(load_image("sample:coffee")).copy()
+    array[seed % array.shape[0], :8] = (seed * 37) % 256
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _first_view_server(client: Client, data: bytes, layer: str) -> float:
+    """What the page does for a new image: upload, top-5, input, grid JSON + PNG."""
+    start = time.perf_counter()
+    image_id = json.loads(client.request("POST", "/api/images", body=data))["id"]
+    client.get("/api/predict", image=image_id, k=5)
+    client.get("/api/input.png", image=image_id)
+    layer_switch(client, layer, SETTINGS[0], image=image_id)
+    return time.perf_counter() - start
+
+
+def _first_view_library(model, data: bytes, layer: str) -> float:
+    """The same work in-process with the library calls the CLI makes: decode, preprocess,
+    one forward pass capturing the layer with top-5, the grid and the input as PNG."""
+    from convscope.hooks import capture
+    from convscope.images import load_image
+    from convscope.render.grid import feature_grid
+
+    start = time.perf_counter()
+    image = load_image(data)
+    x = model.preprocess(image)
+    with capture(model.module, [layer]) as acts:
+        model.predict(x, k=5)
+    grid = feature_grid(acts[layer][0], channels=64)
+    for picture in (grid, image.resize((224, 224))):
+        picture.save(io.BytesIO(), format="PNG", compress_level=1)
+    return time.perf_counter() - start
+
+
+def _cli_time(path: Path, layer: str, out: Path) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "convscope", "activations", str(path), "--layer",
+                    layer, "--channels", "64", "--out", str(out)], check=True,
+                   capture_output=True)
+    return time.perf_counter() - start
+
+
+def run(quick: bool = False) -> str:
+    import torch
+
+    from convscope.models import load_model
+
+    port = _free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    server = subprocess.Popen([sys.executable, "-c", SERVER_CODE, str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.perf_counter() + 120
+        while True:
+            try:
+                Client(port).get("/api/models")
+                break
+            except OSError:
+                if time.perf_counter() > deadline or server.poll() is not None:
+                    raise RuntimeError("server did not start: "
+                                       + server.stderr.read().decode()[-2000:]) from None
+                time.sleep(0.2)
+        client = Client(port)
+        table = json.loads(client.get("/api/layers"))
+        shapes = {row["name"]: row["output_shape"] for row in table}
+        conv = {row["name"] for row in table if row["conv"]}
+        client.get("/api/predict", image=IMAGE)  # the one forward pass for this image
+        for layer in LAYERS:  # warm-up: first render of each layer
+            layer_switch(client, layer, SETTINGS[0])
+
+        # 1. One client switching layers and channels on the cached image.
+        work = Workload(client, 1, shapes, conv)
+        single: dict[str, list[float]] = {"layer": [], "channel": []}
+        steps = 60 if quick else 200
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            kind, elapsed = work.step()
+            single[kind].append(elapsed)
+        single_throughput = steps / (time.perf_counter() - t0)
+        forwards_before = json.loads(client.get("/api/status"))["forward_passes"]
+
+        # 2. 16 concurrent clients.
+        seconds = 8.0 if quick else 30.0
+        one = _run_clients(port, 1, seconds / 3, shapes, conv)
+        many = _run_clients(port, 16, seconds, shapes, conv)
+        client = Client(port)  # the old connection idled past uvicorn's keep-alive timeout
+        forwards_after = json.loads(client.get("/api/status"))["forward_passes"]
+
+        # 3. First view of a new image vs the same work through the library / the CLI.
+        model = load_model("efficientnet_lite0", device="cpu")
+        layer = "_blocks.3"
+        _first_view_library(model, _new_image_bytes(99), layer)  # warm-up, as the server is
+        reps = 2 if quick else 4
+        server_times, library_times = [], []
+        for i in range(reps):
+            data = _new_image_bytes(i + 1)
+            server_times.append(_first_view_server(client, data, layer))
+            library_times.append(_first_view_library(model, _new_image_bytes(100 + i), layer))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "new.png"
+            path.write_bytes(_new_image_bytes(999))
+            cli_times = [_cli_time(path, layer, Path(tmp) / f"out{i}.png")
+                         for i in range(1 if quick else 2)]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+    lines = [
+        f"Server process on 127.0.0.1 with the pretrained EfficientNet-Lite0 (224x224), "
+        f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; image "
+        f"`{IMAGE}` cached after one forward pass (all {len(shapes)} layers captured, "
+        f"{forwards_after - forwards_before} further forward passes during the switching "
+        "runs below).",
+        "",
+        "| one client, cached image | switches | p50 ms | p95 ms | p99 ms | goal |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for kind in ("layer", "channel"):
+        p50, p95, p99 = _percentiles(single[kind])
+        lines.append(f"| {kind} switch | {len(single[kind])} | {p50:.1f} | {p95:.1f} | "
+                     f"{p99:.1f} | p95 < 100 ms: {'yes' if p95 < 100 else 'NO'} |")
+    p50, p95, p99 = _percentiles(single["layer"] + single["channel"])
+    lines.append(f"| all switches | {steps} | {p50:.1f} | {p95:.1f} | {p99:.1f} | "
+                 f"{single_throughput:.1f} switches/s |")
+    ratio = many["throughput"] / one["throughput"]
+    lines += [
+        "",
+        "| concurrent clients | duration s | switches | errors | switches/s | p50 ms | "
+        "p95 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, result in (("1", one), ("16", many)):
+        q50, q95, q99 = _percentiles(result["latencies"])
+        lines.append(f"| {label} | {result['wall']:.0f} | {result['switches']} | "
+                     f"{len(result['errors'])} | {result['throughput']:.1f} | {q50:.0f} | "
+                     f"{q95:.0f} | {q99:.0f} |")
+    lines += [
+        "",
+        f"16 clients vs 1: **{ratio:.2f}x** the throughput (goal >= 1.5x: "
+        f"{'yes' if ratio >= 1.5 else 'NO'}), {len(many['errors'])} errors (goal 0).",
+    ]
+    if many["errors"]:
+        lines.append(f"First error: `{many['errors'][0]}`")
+    server_med = statistics.median(server_times)
+    library_med = statistics.median(library_times)
+    cli_med = statistics.median(cli_times)
+    lines += [
+        "",
+        "| first view of a new image (upload, top-5, input, one layer grid) | median s | "
+        "server / this |",
+        "|---|---:|---:|",
+        f"| server (HTTP, captures every layer for later switches) | {server_med:.3f} | 1.00 |",
+        f"| same work in-process with the library (one layer captured) | {library_med:.3f} | "
+        f"{server_med / library_med:.2f}x |",
+        f"| `convscope activations` CLI process (start, model load, same work) | {cli_med:.3f} | "
+        f"{server_med / cli_med:.2f}x |",
+        "",
+        f"Goal: first view <= 1.3x the CLI's time for the same work: "
+        f"{server_med / cli_med:.2f}x against the CLI process "
+        f"({'yes' if server_med / cli_med <= 1.3 else 'NO'}), "
+        f"{server_med / library_med:.2f}x against the CLI's work without process start and "
+        f"model load ({'yes' if server_med / library_med <= 1.3 else 'NO'}).",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(run(quick="--quick" in sys.argv))
