@@ -48,7 +48,7 @@ def _slug(text: str) -> str:
 
 def run_cam(args: argparse.Namespace) -> int:
     """``convscope cam``."""
-    from convscope.errors import ConvscopeError
+    from convscope.errors import ConvscopeError, TargetError
     from convscope.images import load_image
     from convscope.methods.cam import _one_layer, cam
     from convscope.render.overlay import overlay
@@ -70,7 +70,7 @@ def run_cam(args: argparse.Namespace) -> int:
             for t in args.target:
                 index = model.class_index(t)
                 if index not in by_index:
-                    raise ConvscopeError(
+                    raise TargetError(
                         f"--target {t}: class index out of range (the model has "
                         f"{len(ranking)} classes, 0..{len(ranking) - 1})"
                     )

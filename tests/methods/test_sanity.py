@@ -1,0 +1,68 @@
+"""Cascading model-randomisation sanity check (Adebayo et al., 2018)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from convscope.methods.sanity import _parameterised, sanity_check, spearman
+
+
+def test_spearman_matches_scipy_with_ties() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    torch.manual_seed(0)
+    a = torch.relu(torch.randn(6, 7))  # many tied zeros, as in a Grad-CAM map
+    b = torch.relu(torch.randn(6, 7) + a)
+    expected = stats.spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic
+    assert spearman(a, b) == pytest.approx(expected, abs=1e-12)
+    assert spearman(a, a) == pytest.approx(1.0)
+    assert math.isnan(spearman(torch.zeros(3, 3), a[:3, :3]))
+
+
+@pytest.fixture
+def small() -> nn.Module:
+    """A small random CNN: 3 convs, BatchNorm, classifier (a few ms per pass)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.ReLU(inplace=True),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )
+    return net.eval()
+
+
+def test_gradcam_passes_and_caller_model_untouched(small) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 32, 32)
+    before = {k: v.clone() for k, v in small.state_dict().items()}
+    report = sanity_check(small, x, method="gradcam", layer="5", steps=4)
+    for key, value in small.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    # cascading: each step randomises more modules, the last one all of them
+    counts = [row.randomized for row in report.steps]
+    assert counts == sorted(counts)
+    assert len(counts) == 4
+    assert counts[-1] == len(_parameterised(small)) == 5
+    assert report.steps[0].layers.startswith("9")  # the classifier first
+    assert report.passed
+    assert abs(report.final) < 0.5
+    text = report.table()
+    assert "gradcam at 5" in text
+    assert "PASS" in text
+    assert report.as_dict()["steps"][0]["step"] == 1
+
+
+def test_saliency_method_and_threshold(small) -> None:
+    torch.manual_seed(2)
+    x = torch.randn(1, 3, 32, 32)
+    report = sanity_check(small, x, method="vanilla", steps=2, threshold=1.1)
+    assert report.passed  # any correlation is below 1.1
+    assert report.layer is None
+    assert all(-1.0 <= r.spearman <= 1.0 for r in report.steps if not math.isnan(r.spearman))
+    strict = sanity_check(small, x, method="vanilla", steps=2, threshold=0.0)
+    assert not strict.passed
+    assert "FAIL" in strict.table()
