@@ -230,3 +230,54 @@ def test_seed_layer_activations_workflow(vgg16):
         vgg16(img)
     by_name.remove()
     assert by_name.features.shape == (1, 512, 14, 14)
+
+
+class _Linear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.5, inplace=True)  # F.dropout(x, p, training, True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.drop(self.fc(x)))
+
+
+def test_copy_on_write_sees_positional_inplace_and_caller_writes():
+    torch.manual_seed(0)
+    net = _Linear().train()
+    x = torch.randn(64, 4)
+    expected_fc = net.fc(x).detach()
+    with capture(net, ["fc", "head"]) as acts:
+        out = net(x)
+        out.sigmoid_()  # the caller rewrites the model output inside the block
+    torch.testing.assert_close(acts["fc"], expected_fc)  # pre-dropout values
+    assert (acts["head"] < 0).any()  # pre-sigmoid values
+    with capture(net.eval(), "head") as acts:
+        out = net(x)
+    stored = acts["head"].clone()
+    out.mul_(0)  # after the block: the stored value was detached from `out` at exit
+    torch.testing.assert_close(acts["head"], stored)
+
+
+def test_copy_modes_agree_and_unseen_writes_are_reported(vgg16):
+    from convscope.hooks import CaptureIntegrityError
+
+    x = torch.randn(1, 3, 64, 64)
+    results = {}
+    for mode in ("auto", True):
+        with torch.no_grad(), capture(vgg16, ["features.0", "features.1"], copy=mode) as acts:
+            vgg16(x)
+        results[mode] = acts
+    for name in ("features.0", "features.1"):
+        torch.testing.assert_close(results["auto"][name], results[True][name])
+    with torch.no_grad(), capture(vgg16, "features.0", copy=False) as raw:
+        vgg16(x)
+    assert raw["features.0"].min() >= 0  # no copy: the in-place ReLU shows through
+
+    net = nn.Sequential(nn.Linear(3, 3))
+    with pytest.raises(CaptureIntegrityError, match="copy=True"), capture(net, "0") as acts:
+        out = net(torch.randn(2, 3))
+        with torch._C.DisableTorchFunction():  # a write capture cannot see
+            out.add_(1)
+    assert _hook_count(net) == 0

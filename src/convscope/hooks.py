@@ -10,13 +10,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from .errors import close_matches
+from .errors import ConvscopeError, close_matches
 from .layers import LayerSpec, resolve_layers
 
 ForwardHook = Callable[[str, nn.Module, tuple, Any], Any]
@@ -144,6 +145,126 @@ class Activations(Mapping[str, Any]):
         return f"Activations({', '.join(parts)})"
 
 
+class CaptureIntegrityError(ConvscopeError, RuntimeError):
+    """A captured output was rewritten in place by an operation capture could not see."""
+
+
+_INPLACE_DUNDERS = frozenset({
+    "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+    "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
+    "__imatmul__",
+})
+
+
+@functools.lru_cache(maxsize=1)
+def _inplace_positions() -> dict[Callable, int]:
+    """Positional index of the ``inplace`` argument of each torch.nn.functional function
+    that has one (``F.dropout(x, p, training, inplace)`` is how nn.Dropout calls it)."""
+    import inspect
+
+    import torch.nn.functional as F
+
+    positions: dict[Callable, int] = {}
+    for name in dir(F):
+        func = getattr(F, name)
+        if not callable(func):
+            continue
+        try:
+            params = list(inspect.signature(func).parameters)
+        except (TypeError, ValueError):
+            continue
+        if "inplace" in params:
+            positions[func] = params.index("inplace")
+    return positions
+
+
+def _written_tensors(func: Callable, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """Tensors that the torch call ``func(*args, **kwargs)`` is about to write in place."""
+    name = getattr(func, "__name__", "")
+    targets: list[torch.Tensor] = []
+    inplace = (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS
+    if not inplace:
+        flag = kwargs.get("inplace")
+        if flag is None:
+            index = _inplace_positions().get(func)
+            flag = args[index] if index is not None and index < len(args) else False
+        inplace = flag is True
+    if inplace and args and isinstance(args[0], torch.Tensor):
+        targets.append(args[0])
+    out = kwargs.get("out")
+    if isinstance(out, torch.Tensor):
+        targets.append(out)
+    elif isinstance(out, (tuple, list)):
+        targets.extend(t for t in out if isinstance(t, torch.Tensor))
+    return targets
+
+
+class _Pending:
+    """A stored output that still shares memory with the running model."""
+
+    __slots__ = ("alias", "calls", "index", "name", "version")
+
+    def __init__(self, name: str, calls: list[Any], index: int, alias: torch.Tensor):
+        self.name, self.calls, self.index, self.alias = name, calls, index, alias
+        self.version = alias._version
+
+    def commit(self) -> None:
+        """Replace the stored alias by a private copy of its current (still exact) value."""
+        self.calls[self.index] = self.alias.clone()
+
+
+class _CopyOnWrite(TorchFunctionMode):
+    """Copies a captured output just before any torch op writes to its memory.
+
+    Storing the module's own output tensor and copying it only on a write costs nothing
+    for the usual case and stays exact when an in-place op follows: ``ReLU(inplace=True)``
+    after a conv (VGG), ``out += identity`` after a BatchNorm (ResNet), ``x[...] = v``.
+    Every Python-visible in-place op in the body goes through ``__torch_function__``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: dict[int, list[_Pending]] = {}
+
+    def watch(self, entry: _Pending) -> None:
+        pointer = entry.alias.untyped_storage().data_ptr()
+        if pointer:
+            self.pending.setdefault(pointer, []).append(entry)
+        else:  # an empty tensor: nothing can be written to it
+            entry.commit()
+
+    def protect(self, target: torch.Tensor) -> None:
+        entries = self.pending.pop(target.untyped_storage().data_ptr(), None)
+        for entry in entries or ():
+            entry.commit()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.pending:
+            for target in _written_tensors(func, args, kwargs):
+                self.protect(target)
+        return func(*args, **kwargs)
+
+    def settle(self) -> None:
+        """At exit: fail loudly on unseen writes, copy what the caller still holds."""
+        corrupted = []
+        for entries in self.pending.values():
+            for entry in entries:
+                if entry.alias._version != entry.version:
+                    corrupted.append(entry.name)
+                elif torch._C._storage_Use_Count(entry.alias.untyped_storage()._cdata) > 2:
+                    # Someone besides us (the model's returned output, a view of it) can
+                    # still write to this memory after the block: keep a private copy.
+                    entry.commit()
+        self.pending.clear()
+        if corrupted:
+            raise CaptureIntegrityError(
+                "the output of " + ", ".join(sorted(set(corrupted))) + " was modified in place "
+                "by an operation convscope could not intercept (C++/TorchScript code or "
+                "another thread); capture again with copy=True"
+            )
+
+
 @contextmanager
 def capture(
     model: nn.Module,
@@ -151,6 +272,7 @@ def capture(
     *,
     to: torch.device | str | None = "cpu",
     dtype: torch.dtype | None = None,
+    copy: bool | Literal["auto"] = "auto",
 ) -> Iterator[Activations]:
     """Record the outputs of the selected layers during the forward passes in the body.
 
@@ -159,19 +281,51 @@ def capture(
     >>> acts["features.0"].shape
 
     ``layers`` accepts anything :func:`~convscope.layers.resolve_layers` does. Stored
-    values are detached copies taken when the module returned (so later in-place ops do
-    not change them), moved ``to`` a device (``None`` keeps them where they were made) and
-    cast to ``dtype`` when given (``torch.float16`` halves memory). Hooks are removed on
-    exit and on exceptions; the model itself is never modified.
+    values are detached and exactly what the module returned, even when a later in-place
+    op (VGG's ``ReLU(inplace=True)``) rewrites that memory: with ``copy="auto"`` the output
+    is kept without copying and copied only just before something writes to it;
+    ``copy=True`` always copies at once; ``copy=False`` never copies (fastest, but a
+    later in-place op shows in the stored value). Outputs are moved ``to`` a device (``None`` keeps
+    them where they were made) and cast to ``dtype`` when given (``torch.float16`` halves
+    memory). Hooks are removed on exit and on exceptions; the model is never modified.
     """
+    if copy not in (True, False, "auto"):
+        raise ValueError(f"copy must be True, False or 'auto'; got {copy!r}")
     modules = resolve_layers(model, layers)
     acts = Activations(modules)
+    target = torch.device(to) if to is not None else None
+    guard = _CopyOnWrite() if copy == "auto" else None
 
     def hook(name: str, _module: nn.Module, _inputs: tuple, output: Any) -> None:
-        acts._record(name, copy_output(output, to, dtype))
+        same_place = (
+            isinstance(output, torch.Tensor)
+            and (target is None or output.device == target)
+            and (dtype is None or output.dtype == dtype or not output.is_floating_point())
+        )
+        if guard is not None and same_place:
+            calls = acts._calls[name]
+            calls.append(output.detach())
+            guard.watch(_Pending(name, calls, len(calls) - 1, calls[-1]))
+        elif copy is False and same_place:
+            acts._record(name, output.detach())
+        else:
+            acts._record(name, copy_output(output, to, dtype))
 
     with forward_hooks(modules, hook):
-        yield acts
+        if guard is None:
+            yield acts
+            return
+        failed = False
+        with guard:
+            try:
+                yield acts
+            except BaseException:
+                failed = True
+                raise
+            finally:
+                if failed:
+                    guard.pending.clear()
+        guard.settle()
 
 
 class LayerActivations:
