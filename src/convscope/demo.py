@@ -75,7 +75,7 @@ def write_demo(model: LoadedModel, image: Any, out: Path, *, channels: int = 64,
         captions["input"] = f"The input as the model sees it ({display.shape[-1]} px crop)."
         for role, call in picked.items():
             act = acts.calls(call.name)[call.call][0]
-            tile = max(48, min(112, act.shape[-1]))
+            tile = max(64, min(112, act.shape[-1]))
             figures[role] = out / f"activations_{role}.png"
             feature_grid(act, channels=channels, labels=True, tile_size=tile,
                          cols=8).save(figures[role])
