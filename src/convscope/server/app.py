@@ -19,6 +19,7 @@ from .views import (
     CamUnavailableError,
     GridParams,
     NoSpatialMapError,
+    atlas_crops_path,
     cam_image,
     cam_methods,
     channel_image,
@@ -226,6 +227,15 @@ def create_app(settings: Settings | None = None) -> Any:
     ) -> Response:
         return png(cam_image(state, model_name(model), image, method, target, layer or None,
                              alpha, cmap))
+
+    @app.get("/api/atlas/crops.jpg", summary="Top-k dataset crops of a channel (atlas)",
+             response_class=Response)
+    def api_atlas_crops(layer: Layer, channel: Channel) -> Response:
+        path = atlas_crops_path(state, layer, channel)
+        if path is None:
+            return error(404, f"no atlas crops for {layer!r} channel {channel}"
+                              + ("" if state.atlas else " (start with --atlas DIR)"))
+        return Response(path.read_bytes(), media_type="image/jpeg", headers=CACHE_HEADERS)
 
     @app.get("/api/status", summary="Cache and model status")
     def api_status() -> dict[str, Any]:

@@ -307,7 +307,7 @@ class ServerState:
         self.forward_count = 0
         self.atlas: Any = None
         if settings.atlas is not None:
-            from ..atlas import Atlas  # type: ignore[attr-defined]
+            from ..atlas import Atlas
 
             self.atlas = Atlas.load(settings.atlas)
 

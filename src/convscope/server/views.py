@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConvscopeError
@@ -264,19 +265,47 @@ def cam_image(state: ServerState, model: str, image: str, method: str, target: i
     return overlay(result.display, heatmap, alpha=alpha, cmap=cmap)
 
 
-def atlas_view(state: ServerState, layer: str, channel: int, k: int = 9) -> dict[str, Any]:
-    """Top-k dataset examples of a channel from the atlas given at start (if any)."""
+def atlas_view(state: ServerState, layer: str, channel: int) -> dict[str, Any]:
+    """Top-k dataset examples and dataset-wide statistics of a channel from the atlas
+    given at start (``convscope serve --atlas DIR``)."""
     atlas = state.atlas
-    try:
-        index, value, location = atlas.topk(layer)
-    except (KeyError, ValueError, ConvscopeError):
-        return {"available": False, "reason": f"the atlas has no layer {layer!r}"}
-    if channel >= len(index):
-        return {"available": False, "reason": "channel outside the atlas's range"}
-    rows = []
-    for i, v, loc in zip(index[channel][:k], value[channel][:k], location[channel][:k], strict=False):
-        rows.append({"image": str(atlas.images[int(i)]), "value": float(v),
-                     "location": [int(loc[0]), int(loc[1])]})
-    stats = {name: float(values[channel]) for name, values in atlas.stats(layer).items()
-             if hasattr(values, "__len__") and len(values) > channel}
-    return {"available": True, "topk": rows, "stats": stats}
+    if layer not in atlas.layers:
+        return {"available": False, "reason": f"the atlas did not record {layer!r}; it has "
+                                              + ", ".join(atlas.layers[:8])}
+    index, value, location = atlas.topk(layer)
+    if not 0 <= channel < index.shape[0]:
+        return {"available": False, "reason": f"the atlas has {index.shape[0]} channels"}
+    rows = [{"image": Path(str(atlas.images[int(i)])).name, "value": float(v),
+             "location": [int(loc[0]), int(loc[1])]}
+            for i, v, loc in zip(index[channel], value[channel], location[channel],
+                                 strict=True)]
+    stats = {name: _plain(values[channel]) for name, values in atlas.stats(layer).items()}
+    return {
+        "available": True, "model": atlas.meta.get("model"), "images": len(atlas.images),
+        "topk": rows, "stats": stats,
+        "top_classes": [[name, count] for name, count in atlas.top_classes(layer, channel)],
+        "crops": atlas_crops_path(state, layer, channel) is not None,
+    }
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def atlas_crops_path(state: ServerState, layer: str, channel: int) -> Path | None:
+    """The file of a channel's top-k crops inside the atlas folder, or None.
+
+    The path is built only from a recorded layer name and an int, then checked to lie
+    inside the atlas folder, so a request cannot read anything else.
+    """
+    atlas = state.atlas
+    if atlas is None or layer not in atlas.layers or channel < 0:
+        return None
+    pattern = (atlas.meta.get("crops") or {}).get("pattern")
+    if not pattern:
+        return None
+    root = Path(str(state.settings.atlas)).resolve()
+    path = (root / pattern.format(layer=layer, channel=int(channel))).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        return None
+    return path

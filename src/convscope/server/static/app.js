@@ -208,14 +208,36 @@ async function updateChannel() {
   }
   const atlas = $("atlas");
   atlas.innerHTML = "";
-  if (info.atlas && info.atlas.available) {
+  if (info.atlas) {
     const h = document.createElement("h3");
-    h.textContent = "Top dataset examples";
+    h.textContent = "Dataset atlas";
     atlas.appendChild(h);
-    for (const row of info.atlas.topk) {
-      const p = document.createElement("div");
-      p.textContent = `${row.image.split("/").pop()}: ${fmt(row.value)}`;
-      atlas.appendChild(p);
+    const p = document.createElement("p");
+    p.className = "stats";
+    atlas.appendChild(p);
+    if (!info.atlas.available) {
+      p.textContent = info.atlas.reason;
+    } else {
+      const a = info.atlas;
+      p.textContent = `over ${a.images} images: mean ${fmt(a.stats.mean)}, max ${fmt(a.stats.max)}, ` +
+        `positive ${(100 * a.stats.frac_positive).toFixed(1)}%` + (a.stats.dead ? ", dead" : "") +
+        (a.top_classes.length ? "; top-k classes: " +
+          a.top_classes.map(([name, n]) => `${name} (${n})`).join(", ") : "");
+      if (a.crops) {
+        const img = document.createElement("img");
+        img.id = "atlas-img";
+        img.alt = "top dataset examples of this channel";
+        img.src = "/api/atlas/crops.jpg?" + new URLSearchParams({ layer: state.layer,
+          channel: state.channel });
+        atlas.appendChild(img);
+      }
+      const list = document.createElement("ol");
+      for (const row of a.topk) {
+        const li = document.createElement("li");
+        li.textContent = `${row.image}: ${fmt(row.value)}`;
+        list.appendChild(li);
+      }
+      atlas.appendChild(list);
     }
   }
 }
