@@ -136,7 +136,28 @@ def _percentiles(values: list[float]) -> tuple[float, float, float]:
     return pick(0.50) * 1000, pick(0.95) * 1000, pick(0.99) * 1000
 
 
-def _run_clients(port: int, count: int, seconds: float, shapes, conv) -> dict:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) from /proc (0 if unknown)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return (sum(values) - idle) / tick, sum(values) / tick
+
+
+def _run_clients(port: int, count: int, seconds: float, shapes, conv,
+                 server_pid: int = 0) -> dict:
     latencies: list[float] = []
     errors: list[str] = []
     done = [0]
@@ -157,14 +178,22 @@ def _run_clients(port: int, count: int, seconds: float, shapes, conv) -> dict:
                 done[0] += 1
 
     start = time.perf_counter()
+    server_cpu, client_cpu = _cpu_seconds(server_pid), time.process_time()
+    busy, total = _machine_busy()
     threads = [threading.Thread(target=worker, args=(1000 + i,)) for i in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - start
+    busy_after, total_after = _machine_busy()
+    cores = (os.cpu_count() or 1)
     return {"switches": done[0], "errors": errors, "wall": wall,
-            "throughput": done[0] / wall, "latencies": latencies}
+            "throughput": done[0] / wall, "latencies": latencies,
+            "server_cores": (_cpu_seconds(server_pid) - server_cpu) / wall,
+            "client_cores": (time.process_time() - client_cpu) / wall,
+            "machine_cores": cores * (busy_after - busy) / max(total_after - total, 1e-9),
+            "server_ms": 1000 * (_cpu_seconds(server_pid) - server_cpu) / max(done[0], 1)}
 
 
 def _new_image_bytes(seed: int) -> bytes:
@@ -258,8 +287,8 @@ def run(quick: bool = False) -> str:
 
         # 2. 16 concurrent clients.
         seconds = 8.0 if quick else 30.0
-        one = _run_clients(port, 1, seconds / 3, shapes, conv)
-        many = _run_clients(port, 16, seconds, shapes, conv)
+        one = _run_clients(port, 1, seconds / 3, shapes, conv, server.pid)
+        many = _run_clients(port, 16, seconds, shapes, conv, server.pid)
         forwards_after = json.loads(client.get("/api/status"))["forward_passes"]
 
         # 3. First view of a new image through the server.
@@ -306,14 +335,17 @@ def run(quick: bool = False) -> str:
     lines += [
         "",
         "| concurrent clients | duration s | switches | errors | switches/s | p50 ms | "
-        "p95 ms | p99 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "p95 ms | p99 ms | server CPU ms/switch | cores used: server / clients / "
+        "whole machine |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for label, result in (("1", one), ("16", many)):
         q50, q95, q99 = _percentiles(result["latencies"])
         lines.append(f"| {label} | {result['wall']:.0f} | {result['switches']} | "
                      f"{len(result['errors'])} | {result['throughput']:.1f} | {q50:.0f} | "
-                     f"{q95:.0f} | {q99:.0f} |")
+                     f"{q95:.0f} | {q99:.0f} | {result['server_ms']:.1f} | "
+                     f"{result['server_cores']:.2f} / {result['client_cores']:.2f} / "
+                     f"{result['machine_cores']:.2f} of {os.cpu_count()} |")
     lines += [
         "",
         f"16 clients vs 1: **{ratio:.2f}x** the throughput (goal >= 1.5x: "
@@ -321,6 +353,20 @@ def run(quick: bool = False) -> str:
     ]
     if many["errors"]:
         lines.append(f"First error: `{many['errors'][0]}`")
+    cores = os.cpu_count() or 1
+    lines += [
+        "",
+        f"Where the time goes: the server process used {one['server_cores']:.2f} cores for one "
+        f"client and {many['server_cores']:.2f} for 16 (more than one core means requests ran "
+        "in parallel, not behind one lock or the GIL), at "
+        f"{one['server_ms']:.1f} / {many['server_ms']:.1f} ms of CPU per switch; the whole "
+        f"machine was {one['machine_cores']:.2f} / {many['machine_cores']:.2f} of {cores} cores "
+        "busy (other processes included), so the ratio is capped by the free CPU. With all "
+        f"{cores} cores free, {many['server_ms']:.1f} ms per switch would allow about "
+        f"{1000 * cores / many['server_ms']:.0f} switches/s "
+        f"({1000 * cores / many['server_ms'] / one['throughput']:.1f}x the one-client "
+        "throughput measured here; an estimate, not a measurement).",
+    ]
     server_med = statistics.median(server_times)
     library_med = statistics.median(library_times)
     cli_med = statistics.median(cli_times)
