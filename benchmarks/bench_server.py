@@ -293,7 +293,7 @@ def run(quick: bool = False) -> str:
 
         # 3. First view of a new image through the server.
         layer = "_blocks.3"
-        reps = 2 if quick else 4
+        reps = 3 if quick else 6
         server_times = [_first_view_server(client, _new_image_bytes(i + 1), layer)
                         for i in range(reps)]
     finally:
@@ -367,25 +367,29 @@ def run(quick: bool = False) -> str:
         f"({1000 * cores / many['server_ms'] / one['throughput']:.1f}x the one-client "
         "throughput measured here; an estimate, not a measurement).",
     ]
-    server_med = statistics.median(server_times)
-    library_med = statistics.median(library_times)
+    server_med, server_min = statistics.median(server_times), min(server_times)
+    library_med, library_min = statistics.median(library_times), min(library_times)
     cli_med = statistics.median(cli_times)
     lines += [
         "",
-        "| first view of a new image (upload, top-5, input, one layer grid) | median s | "
-        "server / this |",
-        "|---|---:|---:|",
-        f"| server (HTTP, captures every layer for later switches) | {server_med:.3f} | 1.00 |",
+        f"| first view of a new image (upload, top-5, input, one layer grid), {reps} images | "
+        "median s | best s | server / this (median) | server / this (best) |",
+        "|---|---:|---:|---:|---:|",
+        f"| server (HTTP, captures every layer for later switches) | {server_med:.3f} | "
+        f"{server_min:.3f} | 1.00 | 1.00 |",
         f"| same work in-process with the library (one layer captured) | {library_med:.3f} | "
-        f"{server_med / library_med:.2f}x |",
+        f"{library_min:.3f} | {server_med / library_med:.2f}x | "
+        f"{server_min / library_min:.2f}x |",
         f"| `convscope activations` CLI process (start, model load, same work) | {cli_med:.3f} | "
-        f"{server_med / cli_med:.2f}x |",
+        f"{min(cli_times):.3f} | {server_med / cli_med:.2f}x | "
+        f"{server_min / min(cli_times):.2f}x |",
         "",
         f"Goal: first view <= 1.3x the CLI's time for the same work: "
         f"{server_med / cli_med:.2f}x against the CLI process "
-        f"({'yes' if server_med / cli_med <= 1.3 else 'NO'}), "
-        f"{server_med / library_med:.2f}x against the CLI's work without process start and "
-        f"model load ({'yes' if server_med / library_med <= 1.3 else 'NO'}).",
+        f"({'yes' if server_med / cli_med <= 1.3 else 'NO'}); against the CLI's work without "
+        f"process start and model load {server_med / library_med:.2f}x (median) and "
+        f"{server_min / library_min:.2f}x (best) "
+        f"({'yes' if max(server_med / library_med, server_min / library_min) <= 1.3 else 'NO'}).",
     ]
     return "\n".join(lines)
 
