@@ -248,7 +248,7 @@ function updateFilters() {
     $("filters-note").textContent = `filters of ${state.layer}`;
     img.hidden = false;
     setImage(img, "/api/filters.png?" + new URLSearchParams({ model: state.model,
-      layer: state.layer, count: state.count }));
+      layer: state.layer, count: state.count, tile: 48 }));
   } else {
     $("filters-note").textContent = `${state.layer || "this layer"} is not a conv layer: pick one with filters`;
     img.hidden = true;
