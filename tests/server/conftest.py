@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from PIL import Image
 from torch import nn
 
 pytest.importorskip("fastapi")
+with warnings.catch_warnings():
+    # Starlette's test client announces a future switch of HTTP library; not our concern.
+    warnings.simplefilter("ignore")
+    import fastapi.testclient  # noqa: F401
 
 
 class SmallNet(nn.Module):
