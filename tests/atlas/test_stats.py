@@ -64,6 +64,18 @@ def test_merge_of_shards_equals_one_pass_in_any_order():
         torch.testing.assert_close(a[key], b[key], rtol=1e-12, atol=1e-12)
 
 
+def test_exponent_bins_equal_bucketize_on_edges_and_extremes():
+    from convscope.atlas.stats import _exponent_bins
+
+    edges = torch.tensor(DEFAULT_EDGES)
+    special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 2**-7, -(2**-7), *DEFAULT_EDGES,
+                            *(e * 1.0001 for e in DEFAULT_EDGES), 1e30, -1e30,
+                            float("inf"), -float("inf")])
+    torch.manual_seed(2)
+    x = torch.cat([special, torch.randn(5000) * 20, torch.randn(500) * 1e-3])
+    assert torch.equal(_exponent_bins(x).long(), torch.bucketize(x, edges, right=False))
+
+
 @pytest.mark.slow
 def test_compiled_fused_pass_equals_eager():
     pytest.importorskip("torch._inductor")

@@ -117,8 +117,12 @@ def build(
         run.load_checkpoint(ckpt, fingerprint, force)
     elif resume and out_dir is None:
         raise AtlasError("resume needs an output folder (out=) to keep checkpoints in")
+    clock = time.perf_counter()
     run.execute(batch_size, workers, fused, ckpt, fingerprint, checkpoint_every, progress)
+    log.info("timing rank %d: pass %.3f s for %d images", rank,
+             time.perf_counter() - clock, len(run.shard))
 
+    clock = time.perf_counter()
     states = run.export()
     if world > 1:
         import torch.distributed as dist
@@ -127,6 +131,8 @@ def build(
         dist.all_gather_object(gathered, states)
         states = _merge_exports(gathered, loaded.device)
     atlas = run.to_atlas(states, fingerprint)
+    log.info("timing rank %d: gather+merge %.3f s", rank, time.perf_counter() - clock)
+    clock = time.perf_counter()
     if out_dir is not None and rank == 0:
         if crops:
             from .crops import crop_path, write_crops
@@ -140,6 +146,7 @@ def build(
             from .html import write_html
 
             write_html(atlas, out_dir)
+    log.info("timing rank %d: write %.3f s", rank, time.perf_counter() - clock)
     if world > 1:
         import torch.distributed as dist
 
@@ -503,7 +510,7 @@ def _use_compile(fused: str, batches: int, device: torch.device) -> bool:
 
     try:
         probe = torch.randn(6, 5, device=device)
-        _compiled_reduce()(probe, torch.tensor(DEFAULT_EDGES, device=device), False)
+        _compiled_reduce()(probe, torch.tensor(DEFAULT_EDGES, device=device), True, 2)
         return True
     except Exception as error:  # no C++ compiler, unsupported backend, ...
         if fused == "compile":

@@ -56,7 +56,7 @@ def write_crops(atlas: Atlas, folder: Path, dataset: Any, original: Sequence[int
 def _write_group(atlas: Atlas, folder: Path, layers: list[str], dataset: Any,
                  original: Sequence[int], to_display: Callable[[torch.Tensor], torch.Tensor],
                  size: int, workers: int, by: str) -> None:
-    requests: dict[int, list[tuple[str, int, int, tuple[int, int, int, int]]]] = defaultdict(list)
+    requests: dict[int, list[tuple[str, int, int, tuple[int, ...]]]] = defaultdict(list)
     strips: dict[str, np.ndarray] = {}
     for layer in layers:
         index = atlas.topk(layer, by)[0]
@@ -65,7 +65,7 @@ def _write_group(atlas: Atlas, folder: Path, layers: list[str], dataset: Any,
         strips[layer] = np.zeros((channels, size, k * size, 3), dtype=np.uint8)
         for c in range(channels):
             for j in range(k):
-                requests[int(index[c, j])].append((layer, c, j, tuple(boxes[c, j])))
+                requests[int(index[c, j])].append((layer, c, j, tuple(map(int, boxes[c, j]))))
     wanted = sorted(requests)
     subset = torch.utils.data.Subset(dataset, [int(original[i]) for i in wanted])
     loader = torch.utils.data.DataLoader(subset, batch_size=None, num_workers=workers)
@@ -77,9 +77,12 @@ def _write_group(atlas: Atlas, folder: Path, layers: list[str], dataset: Any,
             continue
         view = (to_display(tensor.float()).permute(1, 2, 0).numpy() * 255 + 0.5)
         view = view.astype(np.uint8)
-        for layer, c, j, (top, left, bottom, right) in requests[image_index]:
-            tile = _fit(view[top:bottom, left:right], size)
-            strips[layer][c, :, j * size:(j + 1) * size] = tile
+        tiles: dict[tuple[int, int, int, int], np.ndarray] = {}  # deep layers share boxes
+        for layer, c, j, box in requests[image_index]:
+            if box not in tiles:
+                top, left, bottom, right = box
+                tiles[box] = _fit(view[top:bottom, left:right], size)
+            strips[layer][c, :, j * size:(j + 1) * size] = tiles[box]
     for layer, strip in strips.items():
         target = folder / "crops" / layer
         target.mkdir(parents=True, exist_ok=True)
