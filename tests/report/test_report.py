@@ -146,3 +146,12 @@ def test_small_model_and_options(tiny_net):
         build_report(loaded, "sample:rocket", ReportOptions(layers=["features.9"]))
     with pytest.raises(ConvscopeError, match="jpeg, png or webp"):
         build_report(loaded, "sample:rocket", ReportOptions(image_format="gif"))
+
+
+def test_cam_failure_leaves_the_rest(tiny_net):
+    from convscope.models import load_model
+
+    loaded = load_model(tiny_net, device="cpu")
+    html = build_report(loaded, "sample:rocket", ReportOptions(cam_method="no-such-cam"))
+    assert "CAM could not be computed" in html
+    assert "features.0 — 4×224×224" in html

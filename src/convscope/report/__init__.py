@@ -241,9 +241,16 @@ def _cam_section(model: Any, x: Any, display: Any, top: Sequence[Any], opts: Rep
         from ..render.overlay import overlay
     except ImportError as error:
         return _section("Class activation maps", f"<p>CAM is not available here ({error}).</p>")
+    from ..errors import ConvscopeError
+
     say(f"{opts.cam_method} for the top-{len(top)} classes")
     batch = x.expand(len(top), *x.shape[1:])
-    maps = cam(model, batch, target=[p.index for p in top], method=opts.cam_method)
+    try:
+        maps = cam(model, batch, target=[p.index for p in top], method=opts.cam_method)
+    except ConvscopeError as error:  # e.g. no spatial layer: the rest of the report stands
+        log.warning("CAM failed: %s", error)
+        return _section("Class activation maps",
+                        f"<p>CAM could not be computed: {html.escape(str(error))}</p>")
     figures = []
     for p, heatmap in zip(top, maps, strict=True):
         picture = overlay(display, heatmap, alpha=0.5)
