@@ -71,3 +71,20 @@ def test_frontends_module_imports_no_heavy_packages():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_serve_a_checkpoint(monkeypatch, tmp_path):
+    import torch
+    import torchvision
+    import uvicorn
+
+    torch.manual_seed(1)
+    net = torchvision.models.resnet18(num_classes=4)
+    torch.save(net.state_dict(), tmp_path / "mine.pt")
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: seen.update(app=app))
+    assert main(["serve", "--model", str(tmp_path / "mine.pt"), "--arch", "resnet18"]) == 0
+    entry = seen["app"].state.convscope.models["mine"]
+    assert entry.get().module.fc.out_features == 4
+    torch.testing.assert_close(entry.get().module.fc.weight, net.fc.weight)
+    assert main(["serve", "--model", "a", "--model", "b", "--arch", "resnet18"]) == 2

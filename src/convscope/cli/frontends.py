@@ -21,6 +21,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"model to serve (repeatable; default {DEFAULT_MODEL}): a torchvision "
                         "name, efficientnet_lite0, a checkpoint (NAME=PATH:ARCH is not "
                         "needed for bundled names) or package.module:factory")
+    p.add_argument("--weights", help="weights of the (single) --model: DEFAULT, "
+                                      "IMAGENET1K_V1 or a checkpoint path")
+    p.add_argument("--arch", help="architecture of a checkpoint given as the --model")
+    p.add_argument("--num-classes", type=int, help="class count of a fine-tuned checkpoint")
     p.add_argument("--image", "-i", action="append", default=[], metavar="PATH",
                    help="image file or folder to offer besides the samples (repeatable)")
     p.add_argument("--host", default="127.0.0.1",
@@ -60,10 +64,25 @@ def run_serve(args: argparse.Namespace) -> int:
     """``convscope serve``."""
     import uvicorn
 
+    from convscope.errors import ConvscopeError
     from convscope.server import Settings, create_app
 
+    class UsageError(ConvscopeError):
+        exit_code = 2
+
+    models: list | dict = args.models or [DEFAULT_MODEL]
+    if args.weights or args.arch or args.num_classes:
+        if len(models) != 1:
+            raise UsageError("--weights/--arch/--num-classes need exactly one --model")
+        from convscope.models import load_model
+
+        with Steps(1).step(f"loading {models[0]}"):
+            loaded = load_model(models[0], args.weights, args.device, arch=args.arch,
+                                num_classes=args.num_classes)
+        models = {Path(models[0]).stem if models[0].endswith((".pt", ".pth")) else models[0]:
+                  loaded}
     settings = Settings(
-        models=args.models or [DEFAULT_MODEL], images=list(args.image), device=args.device,
+        models=models, images=list(args.image), device=args.device,
         host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_pixels=args.max_pixels, cache_entries=args.cache, atlas=args.atlas,
     )
