@@ -40,11 +40,16 @@ _EXPORTS: dict[str, str] = {
     "saliency": "convscope.methods.gradients",
     "sanity_check": "convscope.methods.sanity",
     "ClassTarget": "convscope.methods.targets",
+    # front ends
+    "build_report": "convscope.report",
+    "write_report": "convscope.report",
+    "create_app": "convscope.server",
     # errors
     "ConvscopeError": "convscope.errors",
     "UnknownLayerError": "convscope.errors",
 }
-_SUBMODULES = {"plot", "atlas", "errors", "layers", "render", "methods", "models", "images"}
+_SUBMODULES = {"plot", "atlas", "errors", "layers", "render", "methods", "models", "images",
+               "report", "server", "stats"}
 
 __all__ = sorted([*_EXPORTS, "__version__"])
 
