@@ -318,6 +318,11 @@ def test_docs_and_index(client):
     assert page.status_code == 200
     assert "app.js" in page.text
     assert client.get("/static/app.js").status_code == 200
+    reference = client.get("/api")
+    assert reference.status_code == 200
+    assert "GET /api/grid.png" in reference.text
+    assert "<code>channel</code> (required)" in reference.text
+    assert "http" not in reference.text.replace("href='/openapi.json'", "")
     assert client.get("/static/../state.py").status_code == 404
 
 

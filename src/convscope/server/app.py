@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None) -> Any:
     """Build the explorer app; its :class:`ServerState` is ``app.state.convscope``."""
     from fastapi import FastAPI, Query, Request
     from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
 
     from ..errors import (
@@ -116,6 +116,12 @@ def create_app(settings: Settings | None = None) -> Any:
         return FileResponse(str(static / "index.html"), media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
+
+    @app.get("/api", include_in_schema=False)
+    def api_index() -> Any:
+        """The API reference as plain HTML from the OpenAPI schema (works offline, unlike
+        the Swagger UI at /docs, which loads its scripts from a CDN)."""
+        return HTMLResponse(api_reference_html(app.openapi()))
 
     @app.get("/api/models", summary="Served models")
     def api_models() -> list[dict[str, Any]]:
@@ -248,6 +254,42 @@ def create_app(settings: Settings | None = None) -> Any:
         }
 
     return app
+
+
+def api_reference_html(schema: dict[str, Any]) -> str:
+    """One HTML table per route: method, path, summary and query parameters."""
+    from html import escape
+
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{escape(schema['info']['title'])} API"
+             "</title><style>body{font:14px system-ui;margin:2rem;max-width:960px}"
+             "td,th{padding:2px 8px;text-align:left}code{background:#eef}</style>",
+             f"<h1>{escape(schema['info']['title'])} API</h1>",
+             f"<p>{escape(schema['info'].get('description', ''))} Machine-readable: "
+             "<a href='/openapi.json'>/openapi.json</a>.</p>"]
+    for path, methods in schema["paths"].items():
+        for method, op in methods.items():
+            parts.append(f"<h2><code>{method.upper()} {escape(path)}</code></h2>"
+                         f"<p>{escape(op.get('summary', ''))}</p>")
+            params = op.get("parameters", [])
+            if params:
+                parts.append("<table><tr><th>parameter</th><th>type</th><th>default</th>"
+                             "<th>description</th></tr>")
+                for param in params:
+                    kind = param.get("schema", {})
+                    types = kind.get("type") or "/".join(
+                        str(k.get("type", k.get("enum", ""))) for k in kind.get("anyOf", []))
+                    if "enum" in kind:
+                        types = " | ".join(map(str, kind["enum"]))
+                    required = " (required)" if param.get("required") else ""
+                    parts.append(
+                        f"<tr><td><code>{escape(param['name'])}</code>{required}</td>"
+                        f"<td>{escape(str(types))}</td>"
+                        f"<td>{escape(str(kind.get('default', '')))}</td>"
+                        f"<td>{escape(param.get('description', ''))}</td></tr>")
+                parts.append("</table>")
+            if "requestBody" in op:
+                parts.append("<p>Body: the raw bytes of an image file.</p>")
+    return "\n".join(parts)
 
 
 def _version() -> str:
