@@ -44,6 +44,8 @@ _EXPORTS: dict[str, str] = {
     "build_report": "convscope.report",
     "write_report": "convscope.report",
     "create_app": "convscope.server",
+    # dataset atlas
+    "Atlas": "convscope.atlas",
     # errors
     "ConvscopeError": "convscope.errors",
     "UnknownLayerError": "convscope.errors",
