@@ -32,7 +32,11 @@ import os, sys, torch, uvicorn
 if os.environ.get("BENCH_TORCH_THREADS"):
     torch.set_num_threads(int(os.environ["BENCH_TORCH_THREADS"]))
 from convscope.server import Settings, create_app
-app = create_app(Settings(models=["efficientnet_lite0"], device="cpu", cache_entries=8))
+extra = {}
+if os.environ.get("BENCH_WORKER_THREADS"):  # 0: FastAPI's default pool (40 threads)
+    extra["worker_threads"] = int(os.environ["BENCH_WORKER_THREADS"]) or None
+app = create_app(Settings(models=["efficientnet_lite0"], device="cpu", cache_entries=8,
+                          **extra))
 app.state.convscope.models["efficientnet_lite0"].get()
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 """
@@ -311,8 +315,7 @@ def run(quick: bool = False) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "new.png"
         path.write_bytes(_new_image_bytes(999))
-        cli_times = [_cli_time(path, layer, Path(tmp) / f"out{i}.png")
-                     for i in range(1 if quick else 2)]
+        cli_times = [_cli_time(path, layer, Path(tmp) / "out.png")]
 
     lines = [
         f"Server process on 127.0.0.1 with the pretrained EfficientNet-Lite0 (224x224), "

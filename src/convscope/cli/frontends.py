@@ -37,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="largest upload in pixels (default 40,000,000)")
     p.add_argument("--cache", type=int, default=6,
                    help="forward passes (image x model) kept in memory (default 6)")
+    p.add_argument("--threads", type=int,
+                   help="requests served at once (default: 2 per CPU core, 4 to 32)")
     p.add_argument("--atlas", metavar="DIR", help="atlas folder (convscope atlas) for "
                                                   "top dataset examples per channel")
     p.set_defaults(func=run_serve)
@@ -86,6 +88,8 @@ def run_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_pixels=args.max_pixels, cache_entries=args.cache, atlas=args.atlas,
     )
+    if args.threads:
+        settings.worker_threads = args.threads
     app = create_app(settings)
     state = app.state.convscope
     with Steps(1).step(f"loading {state.models.default}"):

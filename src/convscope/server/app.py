@@ -10,6 +10,8 @@ reading a body as soon as it exceeds the limit.
 # Annotated aliases are local to create_app (they depend on the settings).
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Annotated, Any, Literal
 
@@ -58,7 +60,21 @@ def create_app(settings: Settings | None = None) -> Any:
 
     settings = settings or Settings()
     state = ServerState(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        if settings.worker_threads:
+            import anyio.to_thread
+
+            anyio.to_thread.current_default_thread_limiter().total_tokens = \
+                settings.worker_threads
+        try:
+            yield
+        finally:
+            state.models.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="convscope explorer",
         description="Activations, filters and class activation maps of a CNN, as JSON and "
                     "PNG. Every view is computed by the convscope library.",

@@ -257,9 +257,8 @@ def cam_image(state: ServerState, model: str, image: str, method: str, target: i
         entry.layer_info(layer)
 
     def compute() -> Any:
-        with entry.lock:
-            return cam(loaded, result.x, layer=layer or None, target=target,
-                       method=method)[0].detach().cpu()
+        return entry.run(lambda: cam(loaded, result.x, layer=layer or None, target=target,
+                                     method=method)[0].detach().cpu())
 
     heatmap = state.cams.get_or_compute((model, image, method, layer, target), compute)
     return overlay(result.display, heatmap, alpha=alpha, cmap=cmap)
