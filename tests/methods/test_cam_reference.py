@@ -155,7 +155,7 @@ def test_lite0_string_target_resolves_through_class_names(lite0, lite_batch):
     torch.testing.assert_close(by_name, by_index)
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])  # all four: lite0 above
 def test_resnet50_random_weights_match_pytorch_grad_cam(resnet50, method):
     torch.manual_seed(1)
     x = torch.randn(2, 3, 96, 64)  # non-square

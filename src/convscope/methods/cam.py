@@ -275,8 +275,9 @@ def _score_cam(module: nn.Module, layer: tuple[str, nn.Module], x: torch.Tensor,
     scores = acts.new_empty(n * k)
     size = tuple(x.shape[-2:])
     for part in chunks(n * k, batch_size):
-        mask = upsample(masks[samples[part], picked[part]], size)
-        masked = x[samples[part]] * mask[:, None]
+        mask = upsample(masks[samples[part], picked[part]], size)[:, None]
+        # one sample: broadcast instead of gathering copies of the input first
+        masked = mask * x if n == 1 else mask * x[samples[part]]
         logits = select_output(module(masked), output)
         scores[part] = _row_scores(target, logits, samples[part]).to(scores.dtype)
     weights = torch.softmax(scores.reshape(n, k), dim=1)
