@@ -264,8 +264,10 @@ def _fingerprint(loaded: LoadedModel, infos: dict[str, Any], names: list[str], t
     digest = hashlib.sha256()
     with torch.no_grad():
         for key, value in loaded.module.state_dict().items():
-            checksum = float(value.double().sum()) if value.is_floating_point() else \
-                int(value.long().sum()) if value.numel() else 0
+            if value.is_floating_point():
+                checksum: float | int = float(value.sum(dtype=torch.float64))
+            else:
+                checksum = int(value.sum(dtype=torch.int64)) if value.numel() else 0
             digest.update(f"{key}:{tuple(value.shape)}:{checksum!r};".encode())
     settings = {"model": loaded.name, "layers": infos, "topk": topk,
                 "rank_by": list(rankings), "edges": list(edges)}
