@@ -329,3 +329,21 @@ def test_docs_and_index(client):
 def test_load_image_used_for_files(image_dir):
     # The served file is the one on disk (sanity for the fixture itself).
     assert load_image(image_dir / "red.jpg").size == (64, 48)
+
+
+def test_served_model_is_left_as_it_was(app, client, lite0):
+    """After forward passes, CAMs and failures, no hook is left on the model and its flags
+    and parameters are as they were."""
+    module = lite0.module
+    flags = [p.requires_grad for p in module.parameters()]
+    client.get("/api/predict", params={"image": "sample:astronaut"})
+    client.get("/api/cam.png", params={"image": "sample:astronaut", "method": "gradcam"})
+    client.get("/api/cam.png", params={"image": "sample:astronaut", "layer": "_fc"})
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+                for m in module.modules())
+    assert hooks == 0
+    assert not any(m.training for m in module.modules())
+    assert [p.requires_grad for p in module.parameters()] == flags
+    assert all(p.grad is None for p in module.parameters())
+    entry = app.state.convscope.models["efficientnet_lite0"]
+    assert entry._executor is not None  # forward passes ran on the model's own thread
