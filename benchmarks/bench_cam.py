@@ -2,11 +2,12 @@
 Score-CAM against TorchCAM's; Faster Score-CAM's agreement and speed-up; peers' maps on
 the two layers where a naive implementation goes wrong.
 
-Every timing and memory figure is measured in a fresh subprocess per (model, library), so
-one library's allocations do not hide another's: peak memory is the growth of the
-process's peak RSS (``ru_maxrss``) over its RSS just before the first call (torch's CPU
-allocations are invisible to tracemalloc). Times are the fastest of repeated calls after
-that first call, per image.
+Peak memory is measured in a fresh subprocess per (model, library), so one library's
+allocations do not hide another's: the growth of the process's peak RSS (``ru_maxrss``)
+over its RSS just before the first call (torch's CPU allocations are invisible to
+tracemalloc). Times come from one subprocess per model in which the libraries take turns,
+round by round, so a change in the shared machine's load hits them alike; per image, the
+fastest round.
 """
 
 from __future__ import annotations
@@ -79,7 +80,15 @@ def _gradcam_runner(lib: str, model, layer: str, x, targets):
 
 
 def worker(config: dict) -> dict:
-    """Measure one (model, library) pair in this process; returns times and memory."""
+    """Measure ``config["libs"]`` on one model in this process.
+
+    With one library: its peak RSS growth during the first call (nothing else allocated
+    in the process yet). With several: per-image times, the libraries interleaved round
+    by round (each on its own copy of the model, so hooks do not meet) so that a change
+    in the shared machine's load hits all of them alike; the fastest round counts.
+    """
+    import copy
+
     import torch
     import torchvision
 
@@ -87,17 +96,23 @@ def worker(config: dict) -> dict:
     model = getattr(torchvision.models, config["model"])().eval()
     x = torch.randn(config["batch"], 3, config["size"], config["size"])
     targets = [int(t) for t in torch.randint(0, 1000, (config["batch"],))]
-    run = _gradcam_runner(config["lib"], model, LAYERS[config["model"]], x, targets)
-    before = _rss_bytes()
-    run()
-    peak = max(0, _peak_bytes() - before)
-    times = []
-    for _ in range(config["reps"]):
-        start = time.perf_counter()
+    layer = LAYERS[config["model"]]
+    libs = config["libs"]
+    if len(libs) == 1:
+        run = _gradcam_runner(libs[0], model, layer, x, targets)
+        before = _rss_bytes()
         run()
-        times.append(time.perf_counter() - start)
-    # the fastest call: the machine is shared, slower repeats measure other processes
-    return {"seconds_per_image": min(times) / config["batch"], "peak_bytes": peak}
+        return {libs[0]: {"peak_bytes": max(0, _peak_bytes() - before)}}
+    runs = {lib: _gradcam_runner(lib, copy.deepcopy(model), layer, x, targets) for lib in libs}
+    times: dict[str, list[float]] = {lib: [] for lib in libs}
+    for run in runs.values():
+        run()
+    for _ in range(config["reps"]):
+        for lib, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[lib].append(time.perf_counter() - start)
+    return {lib: {"seconds_per_image": min(t) / config["batch"]} for lib, t in times.items()}
 
 
 def _in_subprocess(config: dict) -> dict:
@@ -116,17 +131,24 @@ def _gradcam_section(quick: bool) -> tuple[str, dict]:
     results: dict = {}
     lines = [
         f"Grad-CAM, batch {batch} at {size}x{size} (small enough for 2 CPU cores), random "
-        f"weights, one subprocess per cell, fastest of {reps} calls after a first call. "
-        "Time ratio: per-image time / per-image time of a full forward+backward (parameter "
-        "gradients included). Peak: growth of peak RSS over the RSS before the first call.",
+        f"weights. Times: one process per model, the libraries interleaved for {reps} rounds "
+        "after a warm-up call, fastest round. Time ratio: per-image time / per-image time of "
+        "a full forward+backward (parameter gradients included). Peak: one fresh process "
+        "per cell, growth of peak RSS over the RSS before the first call.",
         "",
         "| model (layer) | library | ms / image | x forward+backward | peak RSS growth (MB) |",
         "|---|---|---:|---:|---:|",
     ]
     for model in ("resnet50", "vgg16"):
+        timing = _in_subprocess({"model": model, "libs": LIBS, "batch": batch, "size": size,
+                                 "reps": reps})
         for lib in LIBS:
-            results[(model, lib)] = _in_subprocess(
-                {"model": model, "lib": lib, "batch": batch, "size": size, "reps": reps})
+            memory = _in_subprocess({"model": model, "libs": [lib], "batch": batch,
+                                     "size": size, "reps": 0})
+            if "error" in timing or "error" in memory:
+                results[(model, lib)] = {"error": timing.get("error") or memory.get("error")}
+            else:
+                results[(model, lib)] = {**timing[lib], **memory[lib]}
         base = results[(model, "forward+backward")].get("seconds_per_image")
         for lib in LIBS:
             cell = results[(model, lib)]
