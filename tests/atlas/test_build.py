@@ -208,7 +208,7 @@ def test_model_left_as_it_was(tiny_loaded, image_folder):
     assert all(not m._forward_hooks for m in module.modules())
 
 
-def test_clear_errors(tiny_loaded, image_folder, tmp_path):
+def test_clear_errors(tiny_loaded, image_folder, tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("x")
@@ -225,7 +225,20 @@ def test_clear_errors(tiny_loaded, image_folder, tmp_path):
         build(tiny_loaded, only_bad, ["0"], topk=1)
     out = tmp_path / "out"
     build(tiny_loaded, image_folder, ["0"], topk=2, out=out, crops=False)
+    first = build(tiny_loaded, image_folder, ["0"], topk=2, out=out, crops=False)
     build(tiny_loaded, image_folder, ["0"], topk=2, out=out, crops=False)  # same atlas: fine
+    # --resume of a finished atlas loads it instead of running again.
+    import importlib
+
+    build_module = importlib.import_module("convscope.atlas.build")
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("should not run a pass")
+
+    monkeypatch.setattr(build_module._Run, "execute", no_pass)
+    resumed = build(tiny_loaded, image_folder, ["0"], topk=2, out=out, crops=False, resume=True)
+    np.testing.assert_array_equal(resumed.topk("0")[0], first.topk("0")[0])
+    monkeypatch.undo()
     with pytest.raises(AtlasExistsError, match="--force"):
         build(tiny_loaded, image_folder, ["3"], topk=2, out=out, crops=False)
     atlas = build(tiny_loaded, image_folder, ["3"], topk=2, out=out, crops=False, force=True)

@@ -115,6 +115,9 @@ def build(
         if out_dir is not None else None
     if resume and ckpt is not None and ckpt.exists():
         run.load_checkpoint(ckpt, fingerprint, force)
+    elif resume and out_dir is not None and _finished(out_dir, fingerprint):
+        log.info("%s already holds this finished atlas; nothing to resume", out_dir)
+        return Atlas.load(out_dir)
     elif resume and out_dir is None:
         raise AtlasError("resume needs an output folder (out=) to keep checkpoints in")
     clock = time.perf_counter()
@@ -274,6 +277,14 @@ def _fingerprint(loaded: LoadedModel, infos: dict[str, Any], names: list[str], t
     digest.update(json.dumps(settings, sort_keys=True).encode())
     digest.update("\n".join(names).encode())
     return digest.hexdigest()[:24]
+
+
+def _finished(out_dir: Path, fingerprint: str) -> bool:
+    try:
+        meta = json.loads((out_dir / "atlas.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("fingerprint") == fingerprint and (out_dir / "atlas.npz").exists()
 
 
 def _check_out_dir(out_dir: Path, fingerprint: str, force: bool) -> None:
