@@ -176,6 +176,7 @@ def test_resnet50_gradcam_matches_captum(resnet50):
         assert pearson(ours[i], theirs[i]) >= 0.999
 
 
+@pytest.mark.slow
 def test_vgg16_inplace_relu_layer_matches_captum_and_peers_deviate(vgg16):
     """features.28 (conv) is followed by ReLU(inplace=True): the true conv output and its
     gradient are used (Captum agrees); pytorch-grad-cam's map differs measurably."""
@@ -210,6 +211,7 @@ def test_eigencam_matches_pytorch_grad_cam_projection(resnet18):
         torch.testing.assert_close(low[i].double(), torch.relu(p), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_scorecam_matches_torchcam(resnet18):
     torchcam = pytest.importorskip("torchcam.methods")
     torch.manual_seed(5)
@@ -226,6 +228,7 @@ def test_scorecam_matches_torchcam(resnet18):
         assert pearson(ours[i], theirs[i]) >= 0.999
 
 
+@pytest.mark.slow
 def test_ablationcam_matches_pytorch_grad_cam(resnet18):
     """pytorch-grad-cam zeroes the channel when the layer's minimum is 0 (a post-ReLU
     layer, as here), which is the paper's ablation and convscope's."""

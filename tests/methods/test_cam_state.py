@@ -229,6 +229,7 @@ def test_grayscale_non_square_batch_split(x):
     torch.testing.assert_close(cam(net, gray[3:4], layer="conv2", target=3)[0], whole[3])
 
 
+@pytest.mark.slow
 def test_memory_flat_over_many_calls(bnnet, x):
     def live_tensors() -> int:
         gc.collect()

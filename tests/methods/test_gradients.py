@@ -122,6 +122,7 @@ def test_matches_captum_on_resnet18(resnet18, small_batch, method):
     torch.testing.assert_close(ours, ref.detach(), rtol=1e-3, atol=1e-5 * float(ref.abs().max()))
 
 
+@pytest.mark.slow
 def test_occlusion_and_ig_batching_do_not_change_results(resnet18, small_batch):
     a = saliency(resnet18, small_batch, 1, method="occlusion", window=16, stride=16,
                  batch_size=3)
@@ -133,6 +134,7 @@ def test_occlusion_and_ig_batching_do_not_change_results(resnet18, small_batch):
     torch.testing.assert_close(c, d)
 
 
+@pytest.mark.slow
 def test_guided_gradcam_matches_captum_definition(resnet18, small_batch):
     """Captum's GuidedGradCam multiplies guided backprop by the (unscaled, relu'd) Grad-CAM
     interpolated to the input; convscope scales the map to [0, 1] first, so the two differ
