@@ -249,12 +249,21 @@ class _CopyOnWrite(TorchFunctionMode):
         """At exit: fail loudly on unseen writes, copy what the caller still holds."""
         corrupted = []
         for entries in self.pending.values():
+            intact = []
             for entry in entries:
                 if entry.alias._version != entry.version:
                     corrupted.append(entry.name)
-                elif torch._C._storage_Use_Count(entry.alias.untyped_storage()._cdata) > 2:
-                    # Someone besides us (the model's returned output, a view of it) can
-                    # still write to this memory after the block: keep a private copy.
+                else:
+                    intact.append(entry)
+            if not intact:
+                continue
+            # Our own aliases (a container and its last child share one output) plus the
+            # temporary storage object account for len(entries) + 1 references; any more
+            # means someone else (the returned output, a view of it) can still write to
+            # this memory after the block, so keep private copies.
+            users = torch._C._storage_Use_Count(intact[0].alias.untyped_storage()._cdata)
+            if users > len(entries) + 1:
+                for entry in intact:
                     entry.commit()
         self.pending.clear()
         if corrupted:
