@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
-TITLE = "Capturing activations (VGG16, batch 8, 224x224)"
+TITLE = "Capturing activations (VGG16 and ResNet50, batch 8, 224x224)"
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:
@@ -56,10 +56,17 @@ def _speed(repeats: int) -> list[tuple[str, float, str]]:
         with torch.no_grad():
             extractor(x)
 
+    def ours_eager() -> None:
+        with torch.no_grad(), capture(model, nn.Conv2d, copy=True):
+            model(x)
+
     base = _median_time(plain, repeats)
     rows.append(("plain forward", base, "baseline"))
-    rows.append(("convscope.capture (13 conv outputs, exact pre-ReLU copies)",
+    rows.append(("convscope.capture (13 conv outputs; every one is rewritten by an in-place "
+                 "ReLU, so copy-on-write copies each, exact pre-ReLU values)",
                  _median_time(ours, repeats), ""))
+    rows.append(("convscope.capture, copy=True (copy every output at once)",
+                 _median_time(ours_eager, repeats), ""))
     rows.append(("torchvision create_feature_extractor (same nodes; post-ReLU values)",
                  _median_time(fx, repeats), ""))
     try:
@@ -85,7 +92,34 @@ def _speed(repeats: int) -> list[tuple[str, float, str]]:
                      _median_time(run_torchlens, max(1, repeats // 2)), ""))
     except Exception as error:
         rows.append(("TorchLens trace", float("nan"), f"failed: {str(error)[:80]}"))
-    return [(name, seconds, note or f"{seconds / base:.3f}x") for name, seconds, note in rows]
+    rows = [(name, seconds, note or f"{seconds / base:.3f}x") for name, seconds, note in rows]
+    # A network whose conv outputs are not rewritten in place: nothing needs copying.
+    resnet = torchvision.models.resnet50().eval()
+    resnet_convs = _conv_names(resnet)
+
+    def resnet_plain() -> None:
+        with torch.no_grad():
+            resnet(x)
+
+    def resnet_ours() -> None:
+        with torch.no_grad(), capture(resnet, nn.Conv2d) as acts:
+            resnet(x)
+        assert len(acts) == len(resnet_convs)
+
+    resnet_fx = create_feature_extractor(resnet, return_nodes=resnet_convs)
+
+    def resnet_extract() -> None:
+        with torch.no_grad():
+            resnet_fx(x)
+
+    resnet_base = _median_time(resnet_plain, repeats)
+    for name, fn in ((f"ResNet50: convscope.capture ({len(resnet_convs)} conv outputs, no "
+                      "in-place successor, nothing copied)", resnet_ours),
+                     ("ResNet50: create_feature_extractor (same nodes)", resnet_extract)):
+        seconds = _median_time(fn, repeats)
+        rows.append((name, seconds, f"{seconds / resnet_base:.3f}x of ResNet50's "
+                                    f"{resnet_base:.3f} s"))
+    return rows
 
 
 _MEMORY_SCRIPT = r"""
