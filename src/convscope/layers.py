@@ -299,17 +299,18 @@ def _to_rf(field: _Field | None) -> ReceptiveField | None:
     return ReceptiveField(size=size, stride=stride, start=start)
 
 
-def _first_tensor(value: Any) -> torch.Tensor | None:
+def first_tensor(value: Any) -> torch.Tensor | None:
+    """The first tensor in a module output (a tensor, or nested tuples/lists/dicts)."""
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (tuple, list)):
         for item in value:
-            found = _first_tensor(item)
+            found = first_tensor(item)
             if found is not None:
                 return found
     if isinstance(value, dict):
         for item in value.values():
-            found = _first_tensor(item)
+            found = first_tensor(item)
             if found is not None:
                 return found
     return None
@@ -347,11 +348,11 @@ def _trace(
         return _IDENTITY_FIELD if hw == input_hw and not recent else None
 
     def hook(name: str, module: nn.Module, inputs: tuple, output: Any) -> None:
-        out = _first_tensor(output)
+        out = first_tensor(output)
         calls[name] = calls.get(name, 0) + 1
         if out is not None:
             shapes[name] = tuple(out.shape[1:])
-        src = _first_tensor(inputs)
+        src = first_tensor(inputs)
         field: _Field | None = None
         if out is not None and out.dim() == 4 and src is not None and src.dim() == 4:
             if leaf[name] or isinstance(module, _WINDOW_TYPES):
@@ -408,7 +409,7 @@ def execution_order(model: nn.Module, example: torch.Tensor) -> list[LayerCall]:
     seen: dict[str, int] = {}
 
     def hook(name: str, module: nn.Module, _inputs: tuple, output: Any) -> None:
-        out = _first_tensor(output)
+        out = first_tensor(output)
         shape = tuple(out.shape[1:]) if out is not None else None
         order.append(LayerCall(name, seen.get(name, 0), type(module).__name__, shape))
         seen[name] = seen.get(name, 0) + 1

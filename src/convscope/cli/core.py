@@ -68,12 +68,6 @@ def _safe_name(layer: str, call: int | None = None) -> str:
     return f"{stem}.call{call}" if call is not None else stem
 
 
-def _first_tensor(value: Any) -> Any:
-    from convscope.layers import _first_tensor as first
-
-    return first(value)
-
-
 def run_activations(args: argparse.Namespace) -> int:
     """``convscope activations``."""
     import torch
@@ -81,7 +75,7 @@ def run_activations(args: argparse.Namespace) -> int:
     from convscope.errors import ConvscopeError
     from convscope.hooks import capture
     from convscope.images import load_image
-    from convscope.layers import resolve_layers
+    from convscope.layers import first_tensor, resolve_layers
     from convscope.render.grid import feature_grid
 
     steps = Steps(4)
@@ -109,7 +103,7 @@ def run_activations(args: argparse.Namespace) -> int:
                 skipped.append(f"{name} (not called)")
                 continue
             try:
-                value = _first_tensor(calls[args.call])
+                value = first_tensor(calls[args.call])
             except IndexError:
                 raise ConvscopeError(
                     f"--call {args.call}: {name} ran {len(calls)} time(s) in the forward pass"

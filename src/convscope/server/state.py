@@ -356,6 +356,7 @@ class ServerState:
         import torch
 
         from ..hooks import capture
+        from ..layers import first_tensor
 
         pil = self.images.load(image_id)
         loaded = entry.get()
@@ -374,31 +375,13 @@ class ServerState:
         acts, predictions = entry.run(forward)
         kept: dict[str, torch.Tensor] = {}
         for name in acts:
-            value = _first_tensor(acts[name])
+            value = first_tensor(acts[name])
             if value is not None and value.dim() >= 2:
                 kept[name] = value[0]
         display = _to_pil(loaded.transform.to_display(x[0].detach().cpu()))
         nbytes = sum(t.element_size() * t.nelement() for t in kept.values())
         return ForwardResult(x=x, display=display, predictions=predictions, acts=kept,
                              nbytes=nbytes)
-
-
-def _first_tensor(value: Any) -> Any:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)):
-        for item in value:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    if isinstance(value, dict):
-        for item in value.values():
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    return None
 
 
 def _to_pil(chw: Any) -> Any:
