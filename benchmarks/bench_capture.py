@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 
 import torch
 import torchvision
 from torch import nn
 
+from timing import median_time
+
 TITLE = "Capturing activations (VGG16 and ResNet50, batch 8, 224x224)"
-
-
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up (allocator, lazy init)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _conv_names(model: nn.Module) -> list[str]:
@@ -60,15 +49,15 @@ def _speed(repeats: int) -> list[tuple[str, float, str]]:
         with torch.no_grad(), capture(model, nn.Conv2d, copy=True):
             model(x)
 
-    base = _median_time(plain, repeats)
+    base = median_time(plain, repeats)
     rows.append(("plain forward", base, "baseline"))
     rows.append(("convscope.capture (13 conv outputs; every one is rewritten by an in-place "
                  "ReLU, so copy-on-write copies each, exact pre-ReLU values)",
-                 _median_time(ours, repeats), ""))
+                 median_time(ours, repeats), ""))
     rows.append(("convscope.capture, copy=True (copy every output at once)",
-                 _median_time(ours_eager, repeats), ""))
+                 median_time(ours_eager, repeats), ""))
     rows.append(("torchvision create_feature_extractor (same nodes; post-ReLU values)",
-                 _median_time(fx, repeats), ""))
+                 median_time(fx, repeats), ""))
     try:
         from captum.attr import LayerActivation
 
@@ -78,7 +67,7 @@ def _speed(repeats: int) -> list[tuple[str, float, str]]:
         def run_captum() -> None:
             captum.attribute(x)
 
-        rows.append(("Captum LayerActivation (same layers)", _median_time(run_captum, repeats), ""))
+        rows.append(("Captum LayerActivation (same layers)", median_time(run_captum, repeats), ""))
     except ImportError as error:  # pragma: no cover - optional peer
         rows.append(("Captum LayerActivation", float("nan"), f"not installed: {error}"))
     try:
@@ -89,7 +78,7 @@ def _speed(repeats: int) -> list[tuple[str, float, str]]:
                 torchlens.trace(model, x)
 
         rows.append(("TorchLens trace (records every op; no per-layer selection used)",
-                     _median_time(run_torchlens, max(1, repeats // 2)), ""))
+                     median_time(run_torchlens, max(1, repeats // 2)), ""))
     except Exception as error:
         rows.append(("TorchLens trace", float("nan"), f"failed: {str(error)[:80]}"))
     rows = [(name, seconds, note or f"{seconds / base:.3f}x") for name, seconds, note in rows]
@@ -112,11 +101,11 @@ def _speed(repeats: int) -> list[tuple[str, float, str]]:
         with torch.no_grad():
             resnet_fx(x)
 
-    resnet_base = _median_time(resnet_plain, repeats)
+    resnet_base = median_time(resnet_plain, repeats)
     for name, fn in ((f"ResNet50: convscope.capture ({len(resnet_convs)} conv outputs, no "
                       "in-place successor, nothing copied)", resnet_ours),
                      ("ResNet50: create_feature_extractor (same nodes)", resnet_extract)):
-        seconds = _median_time(fn, repeats)
+        seconds = median_time(fn, repeats)
         rows.append((name, seconds, f"{seconds / resnet_base:.3f}x of ResNet50's "
                                     f"{resnet_base:.3f} s"))
     return rows

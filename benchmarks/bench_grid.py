@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import io
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from timing import median_time
+
 TITLE = "Rendering a 512-channel 14x14 feature grid"
-
-
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def run(quick: bool = False) -> str:
@@ -63,16 +52,16 @@ def run(quick: bool = False) -> str:
     def ours_png_labelled() -> None:
         feature_grid(act[0], labels=True, tile_size=42).save(io.BytesIO(), format="PNG")
 
-    seed = _median_time(seed_loop, 1)
+    seed = median_time(seed_loop, 1)
     rows = [
         ("seed tutorial: matplotlib add_subplot loop + savefig", seed),
         ("torchvision make_grid + save_image (grayscale, per-channel scaling)",
-         _median_time(torchvision_png, repeats)),
+         median_time(torchvision_png, repeats)),
         ("convscope feature_grid + PNG save (viridis, per-channel scaling)",
-         _median_time(ours_png, repeats)),
-        ("convscope feature_grid in memory, no encoding", _median_time(ours_memory, repeats)),
+         median_time(ours_png, repeats)),
+        ("convscope feature_grid in memory, no encoding", median_time(ours_memory, repeats)),
         ("convscope feature_grid, labelled, 42 px tiles, PNG in memory",
-         _median_time(ours_png_labelled, repeats)),
+         median_time(ours_png_labelled, repeats)),
     ]
     ours = rows[2][1]
     lines = [
