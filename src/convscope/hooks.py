@@ -199,6 +199,34 @@ def _written_tensors(func: Callable, args: tuple, kwargs: dict) -> list[torch.Te
     return targets
 
 
+def _out_of_place(func: Callable, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The arguments that run an ``inplace=True`` functional out of place, or None."""
+    if kwargs.get("inplace") is True:
+        return args, {**kwargs, "inplace": False}
+    index = _inplace_positions().get(func)
+    if index is not None and index < len(args) and args[index] is True:
+        return (*args[:index], False, *args[index + 1:]), kwargs
+    return None
+
+
+def _sequential_inplace_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules with ``inplace=True`` whose parent is a plain ``nn.Sequential``.
+
+    ``Sequential.forward`` passes each child's return value on and keeps no other
+    reference to its input, so running such a child out of place changes nothing the
+    model can observe; capture uses that to keep a watched output without copying it.
+    """
+    by_name = dict(model.named_modules())
+    found = {}
+    for name, module in by_name.items():
+        if not name or getattr(module, "inplace", False) is not True:
+            continue
+        parent = by_name[name.rsplit(".", 1)[0] if "." in name else ""]
+        if type(parent).forward is nn.Sequential.forward:
+            found[name] = module
+    return found
+
+
 class _Pending:
     """A stored output that still shares memory with the running model."""
 
@@ -225,6 +253,15 @@ class _CopyOnWrite(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.pending: dict[int, list[_Pending]] = {}
+        # Storage of a watched output that an in-place activation inside an nn.Sequential
+        # is about to rewrite; that one call may run out of place instead (see capture).
+        self.redirect: set[int] = set()
+
+    def allow_redirect(self, tensor: Any) -> None:
+        if isinstance(tensor, torch.Tensor):
+            pointer = tensor.untyped_storage().data_ptr()
+            if pointer in self.pending:
+                self.redirect.add(pointer)
 
     def watch(self, entry: _Pending) -> None:
         pointer = entry.alias.untyped_storage().data_ptr()
@@ -241,7 +278,15 @@ class _CopyOnWrite(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.pending:
-            for target in _written_tensors(func, args, kwargs):
+            targets = _written_tensors(func, args, kwargs)
+            if len(targets) == 1 and self.redirect:
+                pointer = targets[0].untyped_storage().data_ptr()
+                if pointer in self.redirect:
+                    self.redirect.discard(pointer)
+                    moved = _out_of_place(func, args, kwargs)
+                    if moved is not None:  # the watched output stays untouched: no copy
+                        return func(*moved[0], **moved[1])
+            for target in targets:
                 self.protect(target)
         return func(*args, **kwargs)
 
@@ -325,15 +370,25 @@ def capture(
             yield acts
             return
         failed = False
-        with guard:
-            try:
-                yield acts
-            except BaseException:
-                failed = True
-                raise
-            finally:
-                if failed:
-                    guard.pending.clear()
+        handles = []
+        for module in _sequential_inplace_modules(model).values():
+            handles.append(module.register_forward_pre_hook(
+                lambda _module, inputs: guard.allow_redirect(inputs[0] if inputs else None)))
+            handles.append(module.register_forward_hook(
+                lambda *_: guard.redirect.clear()))
+        try:
+            with guard:
+                try:
+                    yield acts
+                except BaseException:
+                    failed = True
+                    raise
+                finally:
+                    if failed:
+                        guard.pending.clear()
+        finally:
+            for handle in handles:
+                handle.remove()
         guard.settle()
 
 
