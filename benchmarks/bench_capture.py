@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 
 import torch
 import torchvision
 from torch import nn
 
-from timing import median_time
+from timing import interleaved_medians
 
 TITLE = "Capturing activations (VGG16 and ResNet50, batch 8, 224x224)"
 
@@ -19,16 +20,14 @@ def _conv_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
 
 
-def _speed(repeats: int) -> list[tuple[str, float, str]]:
+def _extractors(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """Plain forward, convscope (two copy modes) and torchvision's extractor on all convs."""
     from torchvision.models.feature_extraction import create_feature_extractor
 
     from convscope import capture
 
-    torch.manual_seed(0)
-    model = torchvision.models.vgg16().eval()
-    x = torch.randn(8, 3, 224, 224)
     convs = _conv_names(model)
-    rows: list[tuple[str, float, str]] = []
+    extractor = create_feature_extractor(model, return_nodes=convs)
 
     def plain() -> None:
         with torch.no_grad():
@@ -39,37 +38,27 @@ def _speed(repeats: int) -> list[tuple[str, float, str]]:
             model(x)
         assert len(acts) == len(convs)
 
-    extractor = create_feature_extractor(model, return_nodes=convs)
+    def ours_eager() -> None:
+        with torch.no_grad(), capture(model, nn.Conv2d, copy=True):
+            model(x)
 
     def fx() -> None:
         with torch.no_grad():
             extractor(x)
 
-    def ours_eager() -> None:
-        with torch.no_grad(), capture(model, nn.Conv2d, copy=True):
-            model(x)
+    return {"plain": plain, "ours": ours, "eager": ours_eager, "fx": fx}
 
-    base = median_time(plain, repeats)
-    rows.append(("plain forward", base, "baseline"))
-    rows.append(("convscope.capture (13 conv outputs; every one is rewritten by an in-place "
-                 "ReLU, so copy-on-write copies each, exact pre-ReLU values)",
-                 median_time(ours, repeats), ""))
-    rows.append(("convscope.capture, copy=True (copy every output at once)",
-                 median_time(ours_eager, repeats), ""))
-    rows.append(("torchvision create_feature_extractor (same nodes; post-ReLU values)",
-                 median_time(fx, repeats), ""))
-    try:
-        from captum.attr import LayerActivation
 
-        layers = [model.features[int(name.split(".")[1])] for name in convs]
-        captum = LayerActivation(model, layers)
+def _speed(rounds: int) -> list[tuple[str, float, str]]:
+    torch.manual_seed(0)
+    model = torchvision.models.vgg16().eval()
+    x = torch.randn(8, 3, 224, 224)
+    convs = _conv_names(model)
+    fns = _extractors(model, x)
+    from captum.attr import LayerActivation
 
-        def run_captum() -> None:
-            captum.attribute(x)
-
-        rows.append(("Captum LayerActivation (same layers)", median_time(run_captum, repeats), ""))
-    except ImportError as error:  # pragma: no cover - optional peer
-        rows.append(("Captum LayerActivation", float("nan"), f"not installed: {error}"))
+    captum = LayerActivation(model, [model.features[int(n.split(".")[1])] for n in convs])
+    fns["captum"] = lambda: captum.attribute(x)
     try:
         import torchlens
 
@@ -77,37 +66,34 @@ def _speed(repeats: int) -> list[tuple[str, float, str]]:
             with torch.no_grad():
                 torchlens.trace(model, x)
 
-        rows.append(("TorchLens trace (records every op; no per-layer selection used)",
-                     median_time(run_torchlens, max(1, repeats // 2)), ""))
-    except Exception as error:
-        rows.append(("TorchLens trace", float("nan"), f"failed: {str(error)[:80]}"))
-    rows = [(name, seconds, note or f"{seconds / base:.3f}x") for name, seconds, note in rows]
-    # A network whose conv outputs are not rewritten in place: nothing needs copying.
+        fns["torchlens"] = run_torchlens
+    except ImportError:  # pragma: no cover - optional peer
+        pass
+    vgg = interleaved_medians(fns, rounds)
+    labels = {
+        "plain": "plain forward",
+        "ours": "convscope.capture (13 conv outputs, exact pre-ReLU values: each following "
+                "ReLU(inplace=True) sits in an nn.Sequential and runs out of place, so "
+                "nothing is copied)",
+        "eager": "convscope.capture, copy=True (copy every output at once)",
+        "fx": "torchvision create_feature_extractor (same nodes; post-ReLU values)",
+        "captum": "Captum LayerActivation (same layers)",
+        "torchlens": "TorchLens trace (records every op; no per-layer selection used)",
+    }
+    rows = [(f"VGG16: {labels[key]}", seconds, f"{seconds / vgg['plain']:.3f}x")
+            for key, seconds in vgg.items()]
     resnet = torchvision.models.resnet50().eval()
-    resnet_convs = _conv_names(resnet)
-
-    def resnet_plain() -> None:
-        with torch.no_grad():
-            resnet(x)
-
-    def resnet_ours() -> None:
-        with torch.no_grad(), capture(resnet, nn.Conv2d) as acts:
-            resnet(x)
-        assert len(acts) == len(resnet_convs)
-
-    resnet_fx = create_feature_extractor(resnet, return_nodes=resnet_convs)
-
-    def resnet_extract() -> None:
-        with torch.no_grad():
-            resnet_fx(x)
-
-    resnet_base = median_time(resnet_plain, repeats)
-    for name, fn in ((f"ResNet50: convscope.capture ({len(resnet_convs)} conv outputs, no "
-                      "in-place successor, nothing copied)", resnet_ours),
-                     ("ResNet50: create_feature_extractor (same nodes)", resnet_extract)):
-        seconds = median_time(fn, repeats)
-        rows.append((name, seconds, f"{seconds / resnet_base:.3f}x of ResNet50's "
-                                    f"{resnet_base:.3f} s"))
+    timings = interleaved_medians(_extractors(resnet, x), rounds)
+    count = len(_conv_names(resnet))
+    resnet_labels = {
+        "plain": "plain forward",
+        "ours": f"convscope.capture ({count} conv outputs; a BatchNorm follows each, "
+                "nothing is copied)",
+        "eager": "convscope.capture, copy=True",
+        "fx": "torchvision create_feature_extractor (same nodes)",
+    }
+    rows += [(f"ResNet50: {resnet_labels[key]}", seconds,
+              f"{seconds / timings['plain']:.3f}x") for key, seconds in timings.items()]
     return rows
 
 
@@ -160,10 +146,11 @@ def _memory() -> dict[str, dict[str, float]]:
 
 def run(quick: bool = False) -> str:
     """Markdown section: speed ratios and peak memory."""
-    repeats = 2 if quick else 5
-    rows = _speed(repeats)
+    rounds = 2 if quick else 7
+    rows = _speed(rounds)
     lines = [
-        f"Median of {repeats} runs after a warm-up, `torch.no_grad()`, random-init VGG16.",
+        f"Median of {rounds} rounds after a warm-up; each round calls every method once in "
+        "turn (so load drift hits all alike); `torch.no_grad()`, random-init weights.",
         "",
         "| method | seconds | vs plain forward |",
         "|---|---:|---:|",
