@@ -35,6 +35,7 @@ install-bench: $(VENV)/.stamp-bench
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = "0" ]; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
 	    (apt-get install -y -q chromium >/dev/null 2>&1 || \
 	     (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) && echo "installed chromium"; \
 	  else echo "chromium missing and not root: browser tests will be skipped"; fi; }
