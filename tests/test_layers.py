@@ -60,6 +60,11 @@ def test_table_rows_of_tiny_net(tiny_net):
     assert rows["features.4"].receptive_field == conv3
     assert conv3.box(0, 0, 8, 8) == (0, 0, 5, 5)
     assert conv3.box(3, 3, 8, 8) == (3, 3, 8, 8)
+    out_rows, out_cols = [[0, 3], [1, 2]], [[0, 3], [2, 1]]
+    vectorised = conv3.boxes(out_rows, out_cols, 8, 8)
+    for i in range(2):
+        for j in range(2):
+            assert tuple(vectorised[i][j]) == conv3.box(out_rows[i][j], out_cols[i][j], 8, 8)
     assert rows["features.0"].as_dict()["receptive_field"]["size"] == [3, 3]
 
 

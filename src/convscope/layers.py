@@ -144,6 +144,17 @@ class ReceptiveField:
         right = left + self.size[1]
         return (max(top, 0), max(left, 0), min(bottom, height), min(right, width))
 
+    def boxes(self, rows: Any, cols: Any, height: int, width: int) -> Any:
+        """:meth:`box` for arrays of output positions at once: ``(..., 4)`` int array."""
+        import numpy as np
+
+        rows, cols = np.asarray(rows, dtype=np.float64), np.asarray(cols, dtype=np.float64)
+        top = np.floor(self.start[0] + rows * self.stride[0] - (self.size[0] - 1) / 2)
+        left = np.floor(self.start[1] + cols * self.stride[1] - (self.size[1] - 1) / 2)
+        return np.stack([np.maximum(top, 0), np.maximum(left, 0),
+                         np.minimum(top + self.size[0], height),
+                         np.minimum(left + self.size[1], width)], axis=-1).astype(np.int32)
+
 
 @dataclass(frozen=True)
 class LayerInfo:

@@ -117,10 +117,7 @@ class Atlas:
             out[...] = (0, 0, height, width)
             return out
         field = ReceptiveField(tuple(rf["size"]), tuple(rf["stride"]), tuple(rf["start"]))
-        for c in range(location.shape[0]):
-            for j in range(location.shape[1]):
-                out[c, j] = field.box(int(location[c, j, 0]), int(location[c, j, 1]),
-                                      height, width)
+        out[...] = field.boxes(location[..., 0], location[..., 1], height, width)
         return out
 
     def top_classes(self, layer: str, channel: int, n: int = 3, by: str = "max"
