@@ -20,6 +20,7 @@ from .hooks import capture
 from .images import load_image
 from .layers import LayerCall, list_layers, overview_layers
 from .models import LoadedModel, Prediction
+from .render.convert import to_pil
 from .render.grid import feature_grid, filter_grid
 
 _CAPTIONS = {
@@ -71,7 +72,7 @@ def write_demo(model: LoadedModel, image: Any, out: Path, *, channels: int = 64,
     with _steps_or_none(steps, "rendering figures"):
         display = model.transform.to_display(batch[0].cpu())
         figures["input"] = out / "input.png"
-        _save_rgb(display, figures["input"])
+        to_pil(display).save(figures["input"])
         captions["input"] = f"The input as the model sees it ({display.shape[-1]} px crop)."
         for role, call in picked.items():
             act = acts.calls(call.name)[call.call][0]
@@ -92,13 +93,6 @@ def write_demo(model: LoadedModel, image: Any, out: Path, *, channels: int = 64,
         index = out / "index.html"
         index.write_text(_html(model.name, image, predictions, figures, captions))
     return DemoResult(model.name, predictions, figures, index)
-
-
-def _save_rgb(display: torch.Tensor, path: Path) -> None:
-    from PIL import Image
-
-    array = (display.permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255).astype("uint8")
-    Image.fromarray(array).save(path)
 
 
 def _caption(role: str, call: LayerCall, table: dict, count: int, shown: int) -> str:

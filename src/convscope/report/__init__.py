@@ -123,6 +123,7 @@ def build_report(model: Any, image: Any, options: ReportOptions | None = None) -
     from ..hooks import capture
     from ..images import load_image
     from ..layers import list_layers, resolve_layers
+    from ..render.convert import to_pil
     from ..render.grid import feature_grid, filter_grid
     from ..stats import layer_summary
 
@@ -138,7 +139,7 @@ def build_report(model: Any, image: Any, options: ReportOptions | None = None) -
     with capture(model.module, names) as acts:
         predictions = model.predict(x, k=max(opts.topk, opts.cam_topk))[0]
     display = model.transform.to_display(x[0].detach().cpu())
-    display_pil = _to_pil(display)
+    display_pil = to_pil(display)
     sections = []
 
     # Input and predictions
@@ -267,13 +268,6 @@ def pil_thumb(image: Any, size: int = 448) -> Any:
     copy = image.copy()
     copy.thumbnail((size, size))
     return copy
-
-
-def _to_pil(chw: Any) -> Any:
-    from PIL import Image
-
-    array = (chw.permute(1, 2, 0).numpy() * 255.0 + 0.5).clip(0, 255).astype("uint8")
-    return Image.fromarray(array)
 
 
 def _image_name(image: Any) -> str:

@@ -357,6 +357,7 @@ class ServerState:
 
         from ..hooks import capture
         from ..layers import first_tensor
+        from ..render.convert import to_pil
 
         pil = self.images.load(image_id)
         loaded = entry.get()
@@ -378,14 +379,7 @@ class ServerState:
             value = first_tensor(acts[name])
             if value is not None and value.dim() >= 2:
                 kept[name] = value[0]
-        display = _to_pil(loaded.transform.to_display(x[0].detach().cpu()))
+        display = to_pil(loaded.transform.to_display(x[0].detach().cpu()))
         nbytes = sum(t.element_size() * t.nelement() for t in kept.values())
         return ForwardResult(x=x, display=display, predictions=predictions, acts=kept,
                              nbytes=nbytes)
-
-
-def _to_pil(chw: Any) -> Any:
-    from PIL import Image
-
-    array = (chw.permute(1, 2, 0).numpy() * 255.0 + 0.5).clip(0, 255).astype("uint8")
-    return Image.fromarray(array)
