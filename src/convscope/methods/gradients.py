@@ -13,7 +13,11 @@ only: the caller's parameters get no ``.grad`` and keep their ``requires_grad``.
   integral of the gradient, Gauss-Legendre quadrature with ``steps`` nodes (Captum's
   default), or ``"riemann_trapezoid"``.
 * ``guided_backprop`` (Springenberg et al., 2015): only positive gradients pass back
-  through ``nn.ReLU`` modules (as in Captum; functional relus are ordinary ReLUs).
+  through the ReLU family, modules and functional calls alike (ReLU, ReLU6, LeakyReLU,
+  Hardtanh, ``F.relu``, ``torch.clamp(x, min=0)``...; see :mod:`convscope.methods.guided`).
+  Other activations (SiLU, GELU, sigmoid...) keep their ordinary gradient; a model in
+  which no ReLU-family activation runs raises :class:`GuidedBackpropError` instead of
+  silently returning the plain gradient. On ``nn.ReLU`` models this is Captum's rule.
 * ``occlusion`` (Zeiler & Fergus, 2014): score drop when a ``window`` patch (all channels)
   is replaced by ``baseline``, slid with ``stride``; each pixel gets the mean drop of the
   windows that cover it (Captum's definition).
@@ -30,9 +34,10 @@ import torch
 from torch import nn
 
 from ..errors import UnknownNameError
-from ..hooks import forward_hooks
 from . import SALIENCY_METHODS
 from .common import borrowed, check_finite, check_input, chunks, normalize
+from .guided import GuidedBackpropError as GuidedBackpropError  # re-exported
+from .guided import GuidedForward
 from .targets import (
     AttributionError,
     OutputSpec,
@@ -70,37 +75,21 @@ def _target_rows(fn: Callable, logits: torch.Tensor, samples: torch.Tensor) -> t
 
 
 def _input_grad(module: nn.Module, inputs: torch.Tensor, fn: Callable,
-                samples: torch.Tensor, output: OutputSpec) -> torch.Tensor:
-    """d score / d inputs for a batch of (copies of) samples, checked for NaN."""
+                samples: torch.Tensor, output: OutputSpec,
+                run: Callable[[torch.Tensor], Any] | None = None) -> torch.Tensor:
+    """d score / d inputs for a batch of (copies of) samples, checked for NaN.
+
+    ``run`` replaces ``module`` as the forward pass (guided backpropagation's).
+    """
     leaf = inputs.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = select_output(module(leaf), output)
+        logits = select_output((run or module)(leaf), output)
         scores = _target_rows(fn, logits, samples)
         if not scores.requires_grad:
             raise AttributionError("the target score does not depend on the input")
         (grad,) = torch.autograd.grad(scores.sum(), leaf)
     check_finite(grad, "the gradient of the target w.r.t. the input")
     return grad
-
-
-class _GuidedReLU(torch.autograd.Function):
-    """Identity forward; backward lets only positive gradients through where the ReLU's
-    output is positive. Placed after an ``nn.ReLU`` (whose own backward already masks by
-    the output), this gives guided backpropagation, also for in-place ReLUs."""
-
-    @staticmethod
-    def forward(ctx: Any, out: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(out)
-        return out.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (out,) = ctx.saved_tensors
-        return grad.clamp(min=0) * (out > 0)
-
-
-def _guided_hook(_name: str, _module: nn.Module, _inputs: tuple, out: Any) -> Any:
-    return _GuidedReLU.apply(out) if isinstance(out, torch.Tensor) else None
 
 
 def saliency(
@@ -156,10 +145,9 @@ def _run(kind: str, module: nn.Module, x: torch.Tensor, fn: Callable, logits: to
                            for p in chunks(n, batch_size)])
         return grads if kind == "vanilla" else grads * x
     if kind == "guided_backprop":
-        relus = {name: m for name, m in module.named_modules() if isinstance(m, nn.ReLU)}
-        with forward_hooks(relus, _guided_hook):
-            return torch.cat([_input_grad(module, x[p], fn, every[p], output)
-                              for p in chunks(n, batch_size)])
+        guide = GuidedForward(module)
+        return torch.cat([_input_grad(module, x[p], fn, every[p], output, run=guide)
+                          for p in chunks(n, batch_size)])
     if kind == "smoothgrad":
         return _smoothgrad(module, x, fn, output, batch_size, noise_level, samples, seed)
     if kind == "integrated_gradients":
