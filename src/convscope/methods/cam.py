@@ -29,6 +29,10 @@ Methods (weights ``w_k`` of the activation maps ``A_k``; ``g = d score / d A``):
 * ``eigencam`` (Muhammad & Yeasin, 2020): projection of the mean-centred activations on
   their first principal component (no target, no gradient); the sign is chosen so the
   map correlates positively with the mean activation (SVD's sign is arbitrary).
+* ``guided_gradcam`` (Selvaraju et al., 2017): :func:`guided_gradcam`'s ``(N, C, H, W)``
+  attribution shown as a map like the others: the largest absolute value over channels,
+  scaled to [0, 1] (:func:`~convscope.methods.gradients.heatmap`). It is at input
+  resolution, so ``return_raw`` gives the signed ``(N, C, H, W)`` attribution.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import TargetError, UnknownNameError
+from ..errors import UnknownNameError
 from ..hooks import forward_hooks
 from ..layers import resolve_layers
 from . import CAM_METHODS
@@ -54,6 +58,7 @@ from .targets import (
     _PerSample,
     resolve_targets,
     select_output,
+    split_target,
     unwrap_model,
 )
 
@@ -63,7 +68,8 @@ METHODS = CAM_METHODS
 _ALIASES = {"grad-cam": "gradcam", "gradcampp": "gradcam++", "grad-cam++": "gradcam++",
             "score-cam": "scorecam", "faster-scorecam": "fasterscorecam",
             "ablation-cam": "ablationcam", "eigen-cam": "eigencam", "layer-cam": "layercam",
-            "xgrad-cam": "xgradcam"}
+            "xgrad-cam": "xgradcam", "guidedgradcam": "guided_gradcam",
+            "guided-gradcam": "guided_gradcam", "guided-grad-cam": "guided_gradcam"}
 
 
 class UnknownMethodError(UnknownNameError):
@@ -77,6 +83,7 @@ def method_name(method: str) -> str:
     """Canonical method name (case-insensitive, a few spellings accepted)."""
     key = str(method).strip().lower().replace("_", "")
     key = _ALIASES.get(key, key)
+    key = {name.replace("_", ""): name for name in METHODS}.get(key, key)
     if key not in METHODS:
         raise UnknownMethodError(method, METHODS)
     return key
@@ -341,13 +348,16 @@ def cam(
     targets). ``layer`` is any single selector :func:`~convscope.resolve_layers` accepts;
     None picks the last layer with a spatial output and logs which. ``target``: None (each
     sample's top-1 class), an int, a class name, a list (one per sample) or a callable
-    ``output -> (N,)`` such as :class:`ClassTarget`. ``method``: one of
+    ``output -> (N,)`` such as :class:`ClassTarget`; per-sample targets (a list, a tuple,
+    a 1-D tensor) are split with the batch, and a callable is applied to each part's
+    output. ``method``: one of
     :data:`METHODS` (see the module docstring). ``call`` picks which call of a module that
     runs several times per forward pass (-1: the last). ``output`` picks the logits when the
     model returns a tuple/dict. ``batch_size`` bounds the samples per forward pass (the
     masked or ablated copies for Score-/Ablation-CAM). ``top_channels`` is Faster
     Score-CAM's channel count. With ``return_raw`` the layer-resolution maps (after the
-    ReLU, before scaling) come back too: ``(maps, raw)``.
+    ReLU, before scaling) come back too: ``(maps, raw)`` (for ``guided_gradcam``, the
+    signed ``(N, C, H, W)`` attribution).
 
     The model is left as it was: training flags, ``requires_grad``, ``.grad`` and hooks.
     A model in training mode is explained in eval mode, with a warning.
@@ -355,16 +365,20 @@ def cam(
     kind = method_name(method)
     module, class_names = unwrap_model(model)
     x = check_input(x, module)
+    n = x.shape[0]
+    split_target(target, slice(0, n), n)  # a wrong number of targets fails before any work
+    if kind == "guided_gradcam":
+        from .gradients import heatmap
+
+        attribution = guided_gradcam(model, x, layer=layer, target=target, call=call,
+                                     output=output, batch_size=batch_size)
+        guided_maps = heatmap(attribution)
+        return (guided_maps, attribution) if return_raw else guided_maps
     chosen = _one_layer(module, layer, x)
-    if isinstance(target, (list, tuple)) and len(target) != x.shape[0]:
-        raise TargetError(
-            f"{len(target)} targets were given for a batch of {x.shape[0]} samples; give "
-            "one per sample, or a single target for all"
-        )
     raws = []
     with borrowed(module, what="class activation map"):
-        for part in chunks(x.shape[0], batch_size):
-            part_target = list(target)[part] if isinstance(target, (list, tuple)) else target
+        for part in chunks(n, batch_size):
+            part_target = split_target(target, part, n)
             raw = _cam_batch(module, chosen, x[part], kind, part_target, call, output,
                              class_names, batch_size, top_channels)
             check_finite(raw, f"the {kind} map of layer {chosen[0]!r}")
@@ -419,15 +433,21 @@ def guided_gradcam(
 ) -> torch.Tensor:
     """Guided Grad-CAM (Selvaraju et al., 2017): guided backpropagation ``(N, C, H, W)``
     multiplied by the upsampled Grad-CAM map (scaled to [0, 1]), so the fine detail of
-    guided backpropagation is kept only where Grad-CAM says the class evidence is."""
+    guided backpropagation is kept only where Grad-CAM says the class evidence is.
+
+    Guided backpropagation needs ReLU-family activations (see
+    :mod:`convscope.methods.guided`); a model without any raises ``GuidedBackpropError``.
+    ``cam(..., method="guided_gradcam")`` returns the same attribution as ``(N, H, W)``
+    maps in [0, 1].
+    """
     from .gradients import saliency
 
     module, _ = unwrap_model(model)
     x = check_input(x, module)
     if target is None:  # fix the top-1 class once, so both parts explain the same class
         with borrowed(module, what="guided Grad-CAM"), torch.no_grad():
-            logits = select_output(module(x), output)
-        target = logits.argmax(dim=1).tolist()
+            target = torch.cat([select_output(module(x[part]), output).argmax(dim=1)
+                                for part in chunks(x.shape[0], batch_size)]).tolist()
     maps = cam(model, x, layer=layer, target=target, method="gradcam", call=call,
                output=output, batch_size=batch_size)
     guided = saliency(model, x, target, method="guided_backprop", output=output,

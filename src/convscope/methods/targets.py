@@ -8,6 +8,7 @@ class names and per-sample lists are turned into such callables by :func:`resolv
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -78,7 +79,8 @@ def _one(spec: Any, class_names: Sequence[str] | None, num_classes: int | None
         raise TargetError("a target cannot be a bool")
     if isinstance(spec, torch.Tensor) and spec.numel() == 1 and not spec.is_floating_point():
         spec = int(spec.item())
-    if isinstance(spec, int):
+    if isinstance(spec, numbers.Integral):  # also numpy integers
+        spec = int(spec)
         if num_classes is not None and not 0 <= spec < num_classes:
             raise TargetError(
                 f"target class {spec} is out of range: the model has {num_classes} classes "
@@ -125,16 +127,40 @@ def resolve_targets(
                 "callable target (or output=) that reduces it to one score per sample"
             )
         return _PerSample([ClassTarget(int(i)) for i in output.argmax(dim=1).tolist()])
-    if isinstance(spec, torch.Tensor) and spec.ndim == 1:
-        spec = spec.tolist()
+    if hasattr(spec, "ndim") and hasattr(spec, "tolist") and spec.ndim == 1:
+        spec = spec.tolist()  # a 1-D tensor or numpy array: one target per sample
     if isinstance(spec, (list, tuple)):
-        if len(spec) != output.shape[0]:
-            raise TargetError(
-                f"{len(spec)} targets were given for a batch of {output.shape[0]} samples; "
-                "give one per sample, or a single target for all"
-            )
+        _check_count(len(spec), output.shape[0])
         return _PerSample([_one(item, class_names, num_classes) for item in spec])
     return _one(spec, class_names, num_classes)
+
+
+def split_target(spec: TargetSpec, part: slice, n: int) -> TargetSpec:
+    """The part of ``spec`` that belongs to samples ``part`` of a batch of ``n``.
+
+    Per-sample forms (a list, a tuple, a 1-D tensor or array, a resolved per-sample target)
+    are sliced with the batch; a single target (None, an int, a class name, a callable) is
+    the same for every part. A callable is applied to each part's output, so it must score
+    any batch of rows (``lambda out: out[:, 3]``), not one fixed batch.
+    """
+    if isinstance(spec, _PerSample):
+        _check_count(len(spec.targets), n)
+        return _PerSample(spec.targets[part])
+    if hasattr(spec, "ndim") and hasattr(spec, "__getitem__") and spec.ndim == 1:
+        _check_count(len(spec), n)  # a 1-D tensor or numpy array
+        return spec[part]
+    if isinstance(spec, (list, tuple)):
+        _check_count(len(spec), n)
+        return list(spec)[part]
+    return spec
+
+
+def _check_count(count: int, n: int) -> None:
+    if count != n:
+        raise TargetError(
+            f"{count} targets were given for a batch of {n} samples; give one per sample, "
+            "or a single target for all"
+        )
 
 
 def class_indices(target: Callable[[torch.Tensor], torch.Tensor], n: int) -> list[int] | None:
