@@ -16,6 +16,10 @@ with warnings.catch_warnings():
     import fastapi.testclient  # noqa: F401
 
 
+#: A Host the explorer answers when bound to loopback (TestClient sends "testserver").
+LOCAL = "http://localhost"
+
+
 class SmallNet(nn.Module):
     """conv(3->6) -> ReLU -> conv(6->4, stride 2) -> ReLU -> pool -> fc(4->5)."""
 
@@ -70,5 +74,5 @@ def app(lite0, tiny_loaded, image_dir):
 def client(app):
     from fastapi.testclient import TestClient
 
-    with TestClient(app) as test_client:
+    with TestClient(app, base_url=LOCAL) as test_client:
         yield test_client

@@ -16,6 +16,11 @@ from convscope.images import load_image
 from convscope.render.grid import feature_grid, filter_grid
 
 CHELSEA = "sample:chelsea"
+RAW = {"Content-Type": "application/octet-stream"}
+
+
+#: A Host the explorer answers when bound to loopback (TestClient sends "testserver").
+LOCAL = "http://localhost"
 
 
 def png(response) -> np.ndarray:
@@ -137,16 +142,40 @@ def test_filter_views_equal_filter_grid(client, lite0):
     np.testing.assert_array_equal(one, np.asarray(filter_grid(weights[3:4], tile_size=48)))
 
 
-def test_switching_views_reuses_the_forward_pass(app, client):
+def test_switching_views_reuses_the_forward_pass(app, client, lite0_acts):
+    """The first view captures only the shown layer (one pass); the first switch to another
+    layer captures all of them (one more pass); later switches reuse it."""
     state = app.state.convscope
     image = "sample:rocket"
-    client.get("/api/predict", params={"image": image})
     before = state.forward_count
-    for layer in ("_blocks.0", "_blocks.5", "_conv_head", "_blocks.9._bn1"):
-        client.get("/api/grid.png", params={"image": image, "layer": layer, "count": 8})
+    client.get("/api/predict", params={"image": image, "layer": "_blocks.0"})
+    assert state.forward_count == before + 1
+    result = state.forwards.get(("efficientnet_lite0", image))
+    assert list(result.acts) == ["_blocks.0"] and not result.complete
+    key = ("efficientnet_lite0", image)
+    first_bytes = state.forwards.size_of(key)
+    assert first_bytes == result.acts["_blocks.0"].nelement() * 4 + result.x.nelement() * 4
+    client.get("/api/grid.png", params={"image": image, "layer": "_blocks.0", "count": 8})
+    client.get("/api/channel", params={"image": image, "layer": "_blocks.0", "channel": 1})
+    assert state.forward_count == before + 1
+    for layer in ("_blocks.5", "_conv_head", "_blocks.9._bn1", "_blocks.0"):
+        assert client.get("/api/grid.png", params={"image": image, "layer": layer,
+                                                   "count": 8}).status_code == 200
         client.get("/api/channel", params={"image": image, "layer": layer, "channel": 1})
     client.get("/api/input.png", params={"image": image})
-    assert state.forward_count == before
+    assert state.forward_count == before + 2
+    assert result.complete and len(result.acts) > 100
+    # The cache counts the grown entry's bytes.
+    assert state.forwards.size_of(key) == sum(
+        t.nelement() * t.element_size() for t in result.acts.values()) + first_bytes - \
+        result.acts["_blocks.0"].nelement() * 4
+    assert state.forwards.size_of(key) > 10 * first_bytes
+    # The lazily captured layers are the layers' true outputs.
+    chelsea = client.get("/api/grid", params={"image": CHELSEA, "layer": "_blocks.3"}).json()
+    assert chelsea["total_channels"] == 40
+    full = state.forwards.get(("efficientnet_lite0", CHELSEA))
+    for name, expected in lite0_acts.items():
+        torch.testing.assert_close(full.acts[name], expected, rtol=0, atol=0)
 
 
 def test_concurrent_first_requests_compute_once(app, client):
@@ -166,7 +195,9 @@ def test_concurrent_first_requests_compute_once(app, client):
     for thread in threads:
         thread.join()
     assert statuses == [200] * 12
-    assert state.forward_count == before + 1
+    # One pass for whichever layer came first, one pass capturing all layers for the rest:
+    # twelve concurrent requests never run more.
+    assert state.forward_count == before + 2
 
 
 def test_cache_is_bounded_lru(tiny_loaded):
@@ -176,7 +207,7 @@ def test_cache_is_bounded_lru(tiny_loaded):
 
     app = create_app(Settings(models={"tiny": tiny_loaded}, cache_entries=2))
     state = app.state.convscope
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         for image in ("sample:chelsea", "sample:coffee", "sample:chelsea", "sample:rocket"):
             assert c.get("/api/predict", params={"image": image}).status_code == 200
         assert state.forward_count == 3  # the second chelsea was a hit
@@ -195,7 +226,8 @@ def test_upload_roundtrip(client, chelsea):
     body = response.json()
     assert body["id"].startswith("upload:")
     assert (body["width"], body["height"]) == chelsea.size
-    assert client.post("/api/images", content=data).json()["id"] == body["id"]
+    again = client.post("/api/images", content=data, headers={"Content-Type": "image/png"})
+    assert again.json()["id"] == body["id"]
     uploaded = client.get("/api/predict", params={"image": body["id"]}).json()
     sample = client.get("/api/predict", params={"image": CHELSEA}).json()
     assert uploaded == sample  # PNG is lossless: same pixels, same predictions
@@ -250,18 +282,18 @@ def test_image_names_cannot_escape(client, image_id):
 
 
 def test_bad_uploads_get_clear_4xx(app, client, chelsea):
-    not_image = client.post("/api/images", content=b"hello, I am text")
+    not_image = client.post("/api/images", content=b"hello, I am text", headers=RAW)
     assert not_image.status_code == 415
     assert "not a readable image" in not_image.json()["detail"]
     buffer = io.BytesIO()
     chelsea.save(buffer, format="PNG")
-    truncated = client.post("/api/images", content=buffer.getvalue()[:5000])
+    truncated = client.post("/api/images", content=buffer.getvalue()[:5000], headers=RAW)
     assert truncated.status_code == 415
     limit = app.state.convscope.settings.max_upload_bytes
-    too_big = client.post("/api/images", content=b"\0" * (limit + 1))
+    too_big = client.post("/api/images", content=b"\0" * (limit + 1), headers=RAW)
     assert too_big.status_code == 413
     assert "limit" in too_big.json()["detail"]
-    empty = client.post("/api/images", content=b"")
+    empty = client.post("/api/images", content=b"", headers=RAW)
     assert empty.status_code == 400
     # The session still works after every failure.
     assert client.get("/api/predict", params={"image": CHELSEA}).status_code == 200
@@ -282,10 +314,11 @@ def test_streamed_upload_over_limit_and_pixel_limit(tiny_loaded):
     big = Image.new("RGB", (101, 100), (1, 2, 3))
     buffer = io.BytesIO()
     big.save(buffer, format="PNG")
-    with TestClient(app) as c:
-        streamed = c.post("/api/images", content=chunks())  # no Content-Length: chunked
+    with TestClient(app, base_url=LOCAL) as c:
+        streamed = c.post("/api/images", content=chunks(),  # no Content-Length: chunked
+                          headers=RAW)
         assert streamed.status_code == 413
-        pixels = c.post("/api/images", content=buffer.getvalue())
+        pixels = c.post("/api/images", content=buffer.getvalue(), headers=RAW)
         assert pixels.status_code == 413
         assert "pixels" in pixels.json()["detail"]
 

@@ -9,6 +9,10 @@ import pytest
 from PIL import Image
 
 
+#: A Host the explorer answers when bound to loopback (TestClient sends "testserver").
+LOCAL = "http://localhost"
+
+
 @pytest.fixture(scope="module")
 def atlas_dir(tiny_loaded, image_dir, tmp_path_factory):
     from convscope.atlas import build
@@ -30,7 +34,7 @@ def atlas_client(tiny_loaded, atlas_dir):
     from convscope.server import Settings, create_app
 
     app = create_app(Settings(models={"tiny": tiny_loaded}, atlas=atlas_dir))
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         yield client
 
 

@@ -3,7 +3,8 @@
 Routes are plain ``def`` functions: FastAPI runs them in its thread pool, and torch,
 numpy and zlib release the GIL in their kernels, so concurrent requests render in
 parallel instead of queueing behind one lock. Only the upload route is ``async``, to stop
-reading a body as soon as it exceeds the limit.
+reading a body as soon as it exceeds the limit. Expensive work runs as jobs
+(:mod:`convscope.server.jobs`); :mod:`convscope.server.guard` checks every request.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the route annotations, and the
@@ -15,14 +16,17 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Annotated, Any, Literal
 
+from .guard import CLIENT_KEY, Guard
+from .jobs import QueueFullError
 from .settings import Settings
 from .state import ServerState
 from .views import (
     CamUnavailableError,
     GridParams,
+    JobRequiredError,
     NoSpatialMapError,
     atlas_crops_path,
-    cam_image,
+    cam_heatmap,
     cam_methods,
     channel_image,
     channel_view,
@@ -30,21 +34,34 @@ from .views import (
     grid_image,
     grid_view,
     input_image,
+    is_expensive,
     layers_view,
     models_view,
     png_bytes,
     predictions_view,
+    sanity_view,
 )
 
 log = logging.getLogger(__name__)
 
 #: Responses depend only on their URL (image ids are content hashes): let browsers cache.
 CACHE_HEADERS = {"Cache-Control": "private, max-age=3600"}
+#: Content types an upload may have (others, e.g. a cross-site text/plain post, get 415).
+UPLOAD_TYPES = ("image/", "application/octet-stream", "multipart/form-data")
+#: Room for the multipart envelope around a file at the byte limit.
+MULTIPART_OVERHEAD = 64 * 1024
+#: A small favicon (the page's first load asks for one).
+FAVICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+           b'<rect width="16" height="16" rx="3" fill="#234"/>'
+           b'<rect x="3" y="3" width="4" height="4" fill="#fd5"/>'
+           b'<rect x="9" y="3" width="4" height="4" fill="#5bf"/>'
+           b'<rect x="3" y="9" width="4" height="4" fill="#5bf"/>'
+           b'<rect x="9" y="9" width="4" height="4" fill="#fd5"/></svg>')
 
 
 def create_app(settings: Settings | None = None) -> Any:
     """Build the explorer app; its :class:`ServerState` is ``app.state.convscope``."""
-    from fastapi import FastAPI, Query, Request
+    from fastapi import FastAPI, Path, Query, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
@@ -71,6 +88,7 @@ def create_app(settings: Settings | None = None) -> Any:
         try:
             yield
         finally:
+            state.jobs.close()
             state.models.close()
 
     app = FastAPI(
@@ -81,6 +99,7 @@ def create_app(settings: Settings | None = None) -> Any:
         version=_version(),
     )
     app.state.convscope = state
+    app.add_middleware(Guard, hosts=settings.hosts(), token=settings.token)
     static = resources.files("convscope.server") / "static"
 
     def error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -99,6 +118,16 @@ def create_app(settings: Settings | None = None) -> Any:
         if isinstance(exc, CamUnavailableError):
             return error(501, str(exc))
         return error(400, str(exc))
+
+    @app.exception_handler(JobRequiredError)
+    def _job_required(_request: Request, exc: JobRequiredError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc), "job": exc.job}, status_code=202,
+                            headers={"Location": f"/api/jobs/{exc.job['id']}"})
+
+    @app.exception_handler(QueueFullError)
+    def _queue_full(_request: Request, exc: QueueFullError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc), "retry_after": exc.retry_after},
+                            status_code=429, headers={"Retry-After": str(exc.retry_after)})
 
     @app.exception_handler(FileNotFoundError)
     def _missing(_request: Request, exc: FileNotFoundError) -> JSONResponse:
@@ -122,6 +151,9 @@ def create_app(settings: Settings | None = None) -> Any:
     def model_name(model: str | None) -> str:
         return model or state.models.default
 
+    def client_of(request: Request) -> str:
+        return str(request.scope.get(CLIENT_KEY, ""))
+
     def grid_params(normalize: str, cmap: str, sort: str | None, count: int,
                     tile: int | None) -> GridParams:
         return GridParams(normalize=normalize, cmap=cmap, sort=sort or None, count=count,
@@ -133,6 +165,10 @@ def create_app(settings: Settings | None = None) -> Any:
 
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(FAVICON, media_type="image/svg+xml", headers=CACHE_HEADERS)
+
     @app.get("/api", include_in_schema=False)
     def api_index() -> Any:
         """The API reference as plain HTML from the OpenAPI schema (works offline, unlike
@@ -143,21 +179,31 @@ def create_app(settings: Settings | None = None) -> Any:
     def api_models() -> list[dict[str, Any]]:
         return models_view(state)
 
-    @app.get("/api/images", summary="Offered images (samples, files, uploads)")
-    def api_images() -> list[dict[str, str]]:
-        return state.images.listing()
+    @app.get("/api/images", summary="Offered images (samples, files, your uploads)")
+    def api_images(request: Request) -> list[dict[str, str]]:
+        return state.images.listing(client_of(request))
 
     @app.post(
-        "/api/images", summary="Upload an image (raw bytes as the request body)",
+        "/api/images",
+        summary="Upload an image: its bytes as the body (image/* or "
+                "application/octet-stream), or a multipart/form-data form with one file",
         openapi_extra={"requestBody": {"required": True, "content": {
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
             "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "file": {"type": "string", "format": "binary"}}}},
         }}},
         responses={413: {"description": "too many bytes or pixels"},
-                   415: {"description": "not a readable image"}},
+                   415: {"description": "not an image content type, or not readable"}},
     )
     async def api_upload(request: Request) -> Any:
-        limit = settings.max_upload_bytes
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if not content_type.startswith(UPLOAD_TYPES):
+            return error(415, f"uploads need an image content type (image/png, image/jpeg, "
+                              f"application/octet-stream) or multipart/form-data; got "
+                              f"{content_type or 'none'!r}")
+        multipart = content_type == "multipart/form-data"
+        limit = settings.max_upload_bytes + (MULTIPART_OVERHEAD if multipart else 0)
         declared = request.headers.get("content-length")
         if declared is not None:
             try:
@@ -173,9 +219,19 @@ def create_app(settings: Settings | None = None) -> Any:
                 return error(413, f"upload is over the limit of {limit:,} bytes")
             chunks.append(chunk)
         data = b"".join(chunks)
+        name = ""
+        if multipart:
+            found = await _multipart_file(request, data)
+            if isinstance(found, str):
+                return error(400, found)
+            name, data = found
+            if len(data) > settings.max_upload_bytes:
+                return error(413, f"upload of {len(data):,} bytes is over the limit of "
+                                  f"{settings.max_upload_bytes:,}")
         if not data:
             return error(400, "empty upload: send the image file's bytes as the body")
-        image_id, image = await run_in_threadpool(state.images.add_upload, data)
+        image_id, image = await run_in_threadpool(state.images.add_upload, data,
+                                                  client_of(request), name)
         return {"id": image_id, "width": image.width, "height": image.height}
 
     @app.get("/api/input.png", summary="The input as the model sees it",
@@ -185,8 +241,12 @@ def create_app(settings: Settings | None = None) -> Any:
 
     @app.get("/api/predict", summary="Top-k predictions")
     def api_predict(image: Image, model: Model = None,
-                    k: Annotated[int, Query(ge=1, le=10)] = 5) -> list[dict[str, Any]]:
-        return predictions_view(state, model_name(model), image, k)
+                    k: Annotated[int, Query(ge=1, le=10)] = 5,
+                    layer: Annotated[str, Query(
+                        max_length=300, description="layer shown next: a new image's forward "
+                                                    "pass captures it first")] = "",
+                    ) -> list[dict[str, Any]]:
+        return predictions_view(state, model_name(model), image, k, layer or None)
 
     @app.get("/api/layers", summary="Layer table with output shapes and receptive fields")
     def api_layers(model: Model = None) -> list[dict[str, Any]]:
@@ -220,8 +280,11 @@ def create_app(settings: Settings | None = None) -> Any:
         image: Image, layer: Layer, channel: Channel, model: Model = None,
         cmap: Cmap = "viridis",
         size: Annotated[int, Query(ge=16, le=1024)] = 320,
+        over: Annotated[bool, Query(description="upsampled over the input image")] = False,
+        alpha: Annotated[float, Query(ge=0.0, le=1.0)] = 0.6,
     ) -> Response:
-        return png(channel_image(state, model_name(model), image, layer, channel, cmap, size))
+        return png(channel_image(state, model_name(model), image, layer, channel, cmap, size,
+                                 over, alpha))
 
     @app.get("/api/filters.png", summary="Filters of a conv layer (or of one channel)",
              response_class=Response)
@@ -239,7 +302,7 @@ def create_app(settings: Settings | None = None) -> Any:
 
     @app.get("/api/cam.png", summary="CAM overlay for one class", response_class=Response)
     def api_cam_png(
-        image: Image, model: Model = None,
+        request: Request, image: Image, model: Model = None,
         method: Annotated[str, Query(max_length=40)] = "gradcam",
         target: Annotated[int | None, Query(ge=0, le=1_000_000,
                                             description="class index (default top-1)")] = None,
@@ -247,8 +310,46 @@ def create_app(settings: Settings | None = None) -> Any:
         alpha: Annotated[float, Query(ge=0.0, le=1.0)] = 0.5,
         cmap: Cmap = "jet",
     ) -> Response:
-        return png(cam_image(state, model_name(model), image, method, target, layer or None,
-                             alpha, cmap))
+        from ..render.overlay import overlay
+
+        result, heatmap = cam_heatmap(state, model_name(model), image, method, target,
+                                      layer or None, client=client_of(request))
+        return png(overlay(result.display, heatmap, alpha=alpha, cmap=cmap))
+
+    @app.post("/api/jobs", summary="Start expensive work (Score-/Ablation-CAM, sanity check)",
+              status_code=202, responses={429: {"description": "queue full: Retry-After"}})
+    def api_jobs_submit(
+        request: Request, image: Image, model: Model = None,
+        kind: Literal["cam", "sanity"] = "cam",
+        method: Annotated[str, Query(max_length=40)] = "scorecam",
+        target: Annotated[int | None, Query(ge=0, le=1_000_000)] = None,
+        layer: Annotated[str, Query(max_length=300)] = "",
+        steps: Annotated[int, Query(ge=1, le=16)] = 4,
+    ) -> Any:
+        name, client = model_name(model), client_of(request)
+        if kind == "cam":
+            try:
+                cam_heatmap(state, name, image, method, target, layer or None, client=client,
+                            job=not is_expensive(method))
+            except JobRequiredError as queued:
+                return JSONResponse(queued.job, status_code=202)
+            return {"id": None, "kind": "cam", "status": "done"}  # cached or cheap: ready
+        state.forward(name, image)  # unknown model/image names fail here, not in the job
+        params = {"model": name, "image": image, "method": method, "target": target,
+                  "steps": steps}
+        job = state.jobs.submit(
+            client, "sanity", ("sanity", name, image, method, target, steps), params,
+            lambda: sanity_view(state, name, image, method, target, steps))
+        return JSONResponse(job.as_dict(), status_code=202)
+
+    @app.get("/api/jobs/{job_id}", summary="State of a job (poll until done)")
+    def api_job(job_id: Annotated[str, Path(max_length=40)]) -> dict[str, Any]:
+        job, position = state.jobs.get(job_id)
+        return job.as_dict(position)
+
+    @app.delete("/api/jobs/{job_id}", summary="Cancel a job")
+    def api_job_cancel(job_id: Annotated[str, Path(max_length=40)]) -> dict[str, Any]:
+        return state.jobs.cancel(job_id).as_dict()
 
     @app.get("/api/atlas/crops.jpg", summary="Top-k dataset crops of a channel (atlas)",
              response_class=Response)
@@ -259,17 +360,33 @@ def create_app(settings: Settings | None = None) -> Any:
                               + ("" if state.atlas else " (start with --atlas DIR)"))
         return Response(path.read_bytes(), media_type="image/jpeg", headers=CACHE_HEADERS)
 
-    @app.get("/api/status", summary="Cache and model status")
+    @app.get("/api/status", summary="Caches (entries and bytes), jobs and models")
     def api_status() -> dict[str, Any]:
-        return {
-            "models_loaded": [n for n, e in state.models.entries.items() if e.loaded],
-            "forward_passes": state.forward_count,
-            "cache": {"entries": len(state.forwards), "bytes": state.forwards.nbytes(),
-                      "hits": state.forwards.hits, "misses": state.forwards.misses},
-            "atlas": state.atlas is not None,
-        }
+        return state.status()
 
     return app
+
+
+async def _multipart_file(request: Any, body: bytes) -> tuple[str, bytes] | str:
+    """``(file name, bytes)`` of the one file in a multipart body already read (bounded),
+    or a message saying what is wrong."""
+    from starlette.datastructures import UploadFile
+    from starlette.requests import Request
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, receive).form(max_files=1, max_fields=8)
+    except Exception as exc:  # starlette raises HTTPException/MultiPartException
+        return f"malformed multipart/form-data upload: {getattr(exc, 'detail', exc)}"
+    try:
+        files = [value for value in form.values() if isinstance(value, UploadFile)]
+        if not files:
+            return "the multipart/form-data upload holds no file (send it as file=@photo.jpg)"
+        return files[0].filename or "", await files[0].read()
+    finally:
+        await form.close()
 
 
 def api_reference_html(schema: dict[str, Any]) -> str:

@@ -30,14 +30,30 @@ class Settings:
     #: Uploads: bytes read at most, pixels decoded at most (checked from the header).
     max_upload_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
-    #: Uploaded images kept (LRU); a shared URL to an evicted upload asks to upload again.
+    #: Uploaded images kept (LRU), counted in entries and in decoded bytes (RGB, 3 bytes a
+    #: pixel: one 40 MP upload is 120 MB), so a burst of huge uploads cannot grow the
+    #: server without bound. A shared URL to an evicted upload asks to upload again.
     max_uploads: int = 32
-    #: Forward passes (all activations of one image through one model) kept (LRU), and
-    #: a bound on the bytes they hold together (the newest entry is always kept).
+    upload_bytes: int = 256 * 1024 * 1024
+    #: Forward passes (activations of one image through one model) kept (LRU), and a
+    #: bound on the bytes they hold together (the newest entry is always kept).
     cache_entries: int = 6
-    cache_bytes: int = 1024 * 1024 * 1024
-    #: CAM maps kept (LRU).
+    cache_bytes: int = 512 * 1024 * 1024
+    #: CAM maps kept (LRU), in entries and bytes (float32 maps at the input size).
     cam_entries: int = 64
+    cam_bytes: int = 64 * 1024 * 1024
+    #: Expensive work (Score-CAM, Ablation-CAM, sanity checks) runs as jobs: at most this
+    #: many waiting or running at once (more answer 429 with Retry-After), each client at
+    #: most ``max_jobs_per_client`` of them; finished jobs are kept ``job_ttl`` seconds.
+    max_jobs: int = 4
+    max_jobs_per_client: int = 2
+    job_ttl: float = 600.0
+    #: Host header values answered (DNS rebinding defence). None: the loopback names when
+    #: bound to a loopback address, else any host (then set a token). "*" allows any.
+    allowed_hosts: list[str] | None = None
+    #: Shared secret checked on every API call (header ``Authorization: Bearer TOKEN`` or
+    #: the cookie set by opening ``/?token=TOKEN``); None: no token.
+    token: str | None = None
     #: Upper bounds for request parameters.
     max_channels: int = 1024
     max_tile: int = 512
@@ -49,6 +65,15 @@ class Settings:
         default_factory=lambda: min(32, max(4, 2 * (os.cpu_count() or 1))))
     #: Optional atlas folder (convscope atlas output) for top-k examples per channel.
     atlas: str | Path | None = None
+
+    def hosts(self) -> set[str] | None:
+        """Allowed Host names (lower case, without port), or None for any host."""
+        if self.allowed_hosts is not None:
+            names = {h.strip().lower().strip("[]") for h in self.allowed_hosts}
+            return None if "*" in names else names
+        if is_loopback(self.host):
+            return set(LOOPBACK_NAMES)
+        return None
 
     def model_specs(self) -> dict[str, Any]:
         """``{url_name: spec_or_loaded_model}`` in the order given."""
@@ -62,6 +87,23 @@ class Settings:
                 name, n = f"{base}-{n}", n + 1
             named[name] = spec
         return named
+
+
+#: Names of this machine that a loopback-bound server answers to.
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or name to bind) is reachable only from this machine."""
+    import ipaddress
+
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _model_key(spec: Any) -> str:

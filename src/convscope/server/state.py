@@ -12,7 +12,9 @@ tensors read without any lock, so rendering runs in parallel.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
+import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -83,6 +85,32 @@ class LRUCache(Generic[V]):
             self._data[key] = (value, nbytes)
             self._data.move_to_end(key)
             self._evict()
+
+    def refresh(self, key: Hashable) -> None:
+        """Measure ``key``'s value again (it grew in place) and evict beyond the bounds."""
+        with self._lock:
+            if key in self._data:
+                value = self._data[key][0]
+                self._data[key] = (value, self._size(value))
+                self._evict()
+
+    def size_of(self, key: Hashable) -> int | None:
+        """Bytes counted for ``key`` (None when absent)."""
+        with self._lock:
+            found = self._data.get(key)
+            return None if found is None else found[1]
+
+    def values(self) -> list[V]:
+        """The cached values, least recently used first."""
+        with self._lock:
+            return [value for value, _ in self._data.values()]
+
+    def status(self) -> dict[str, Any]:
+        """Entries, bytes and bounds as JSON (for ``/api/status``)."""
+        with self._lock:
+            return {"entries": len(self._data), "max_entries": self.max_entries,
+                    "bytes": sum(n for _, n in self._data.values()),
+                    "max_bytes": self.max_bytes, "hits": self.hits, "misses": self.misses}
 
     def _evict(self) -> None:
         total = sum(n for _, n in self._data.values())
@@ -249,13 +277,38 @@ class ImageRecord:
     path: Path | None = None
 
 
+@dataclass(frozen=True)
+class Upload:
+    """A decoded upload, the client that sent it, and what it costs in memory."""
+
+    image: Any  # RGB PIL image
+    owner: str
+    name: str
+
+    @property
+    def nbytes(self) -> int:
+        """Decoded size: 3 bytes a pixel (``load_image`` returns 8-bit RGB)."""
+        return self.image.width * self.image.height * len(self.image.getbands())
+
+
+def upload_size(upload: Upload) -> int:
+    """Bytes of an upload for the byte-bounded cache."""
+    return upload.nbytes
+
+
 class ImageStore:
-    """Bundled samples, files named in the settings (by name, never by path) and uploads."""
+    """Bundled samples, files named in the settings (by name, never by path) and uploads.
+
+    Upload ids are capabilities: an HMAC of the client and the content under a secret made
+    at start, so nobody can guess another client's id, while a shared URL still opens the
+    image. The listing shows each client only its own uploads.
+    """
 
     def __init__(self, settings: Settings):
         from ..images import sample_names
 
         self.max_pixels = settings.max_pixels
+        self._secret = secrets.token_bytes(32)
         self.records: dict[str, ImageRecord] = {}
         for name in sample_names():
             self.records[f"sample:{name}"] = ImageRecord(f"sample:{name}", name, "sample")
@@ -271,23 +324,32 @@ class ImageStore:
                 while image_id in self.records:
                     image_id, n = f"file:{file.stem}-{n}{file.suffix}", n + 1
                 self.records[image_id] = ImageRecord(image_id, file.name, "file", file.resolve())
-        self.uploads: LRUCache[Any] = LRUCache(settings.max_uploads)
+        self.uploads: LRUCache[Upload] = LRUCache(settings.max_uploads, settings.upload_bytes,
+                                                  size=upload_size)
 
-    def listing(self) -> list[dict[str, str]]:
-        """JSON rows ``{id, name, kind}`` of every offered image (uploads included)."""
+    def listing(self, client: str = "") -> list[dict[str, str]]:
+        """JSON rows ``{id, name, kind}``: samples, files and ``client``'s own uploads."""
         rows = [{"id": r.id, "name": r.name, "kind": r.kind} for r in self.records.values()]
         with self.uploads._lock:
-            upload_ids = list(self.uploads._data)
-        rows += [{"id": str(i), "name": str(i), "kind": "upload"} for i in upload_ids]
+            uploads = [(key, value) for key, (value, _) in self.uploads._data.items()]
+        rows += [{"id": str(key), "name": upload.name or str(key), "kind": "upload"}
+                 for key, upload in uploads if upload.owner == client]
         return rows
 
-    def add_upload(self, data: bytes) -> tuple[str, Any]:
-        """Decode uploaded bytes (bounded) and keep them; the id is a content hash."""
+    def upload_id(self, data: bytes, client: str) -> str:
+        """``upload:`` + 128 bits of HMAC(secret, client, content): stable for one client
+        re-sending the same file, unguessable for anyone else."""
+        digest = hmac.new(self._secret, client.encode() + b"\0" + hashlib.sha256(data).digest(),
+                          hashlib.sha256).hexdigest()
+        return "upload:" + digest[:32]
+
+    def add_upload(self, data: bytes, client: str = "", name: str = "") -> tuple[str, Any]:
+        """Decode uploaded bytes (bounded in pixels) and keep them for ``client``."""
         from ..images import load_image
 
         image = load_image(data, max_pixels=self.max_pixels)
-        image_id = "upload:" + hashlib.sha256(data).hexdigest()[:16]
-        self.uploads.put(image_id, image)
+        image_id = self.upload_id(data, client)
+        self.uploads.put(image_id, Upload(image, client, name[:100]))
         return image_id, image
 
     def load(self, image_id: str) -> Any:
@@ -298,7 +360,7 @@ class ImageStore:
             found = self.uploads.get(image_id)
             if found is None:
                 raise UnknownImageError(image_id, [])
-            return found
+            return found.image
         record = self.records.get(image_id)
         if record is None:
             raise UnknownImageError(image_id, list(self.records))
@@ -307,18 +369,35 @@ class ImageStore:
         return load_image(record.path, max_pixels=self.max_pixels)
 
 
+def tensor_bytes(tensor: Any) -> int:
+    """Bytes of a tensor's elements."""
+    return tensor.element_size() * tensor.nelement()
+
+
 @dataclass
 class ForwardResult:
-    """One image through one model: the input, the top classes and every layer's output."""
+    """One image through one model: the input, the top classes and the layer outputs.
+
+    The first pass captures only the layer the page shows (the first view costs about one
+    plain forward pass); the first request for any other layer captures all of them in
+    one more pass (:meth:`ServerState.activation`), after which ``complete`` is True.
+    """
 
     x: Any  # (1, 3, H, W) preprocessed input on the model's device
     display: Any  # PIL image of the input as the model sees it (after resize and crop)
     predictions: list[Any]
     acts: dict[str, Any]  # layer name -> (C, H, W) or (F,) CPU tensor of the last call
-    nbytes: int
+    complete: bool = False
     #: Small values derived from the activations (layer summaries, channel orders), kept
     #: with them so switching back to a layer does not recompute them.
     derived: dict[Hashable, Any] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the kept activations and the input."""
+        acts = self.acts
+        return sum(tensor_bytes(t) for t in acts.values()) + tensor_bytes(self.x)
 
     def memo(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per key (a race computes twice, harmlessly: same value)."""
@@ -329,17 +408,25 @@ class ForwardResult:
             return value
 
 
+def _heatmap_bytes(value: Any) -> int:
+    return tensor_bytes(value) if hasattr(value, "element_size") else 0
+
+
 class ServerState:
     """Everything the routes share, created once per app by :func:`create_app`."""
 
     def __init__(self, settings: Settings):
+        from .jobs import JobQueue
+
         self.settings = settings
         self.models = ModelRegistry(settings)
         self.images = ImageStore(settings)
         self.forwards: LRUCache[ForwardResult] = LRUCache(
             settings.cache_entries, settings.cache_bytes, size=lambda r: r.nbytes
         )
-        self.cams: LRUCache[Any] = LRUCache(settings.cam_entries)
+        self.cams: LRUCache[Any] = LRUCache(settings.cam_entries, settings.cam_bytes,
+                                            size=_heatmap_bytes)
+        self.jobs = JobQueue(settings.max_jobs, settings.max_jobs_per_client, settings.job_ttl)
         self.forward_count = 0
         self.atlas: Any = None
         if settings.atlas is not None:
@@ -347,39 +434,74 @@ class ServerState:
 
             self.atlas = Atlas.load(settings.atlas)
 
-    def forward(self, model: str, image: str) -> ForwardResult:
-        """The cached forward pass of ``image`` through ``model`` (computed once)."""
+    def forward(self, model: str, image: str, layer: str | None = None) -> ForwardResult:
+        """The cached forward pass of ``image`` through ``model`` (computed once); a new
+        pass captures only ``layer`` (the one the page shows first)."""
         entry = self.models[model]
-        return self.forwards.get_or_compute((model, image), lambda: self._run(entry, image))
+        return self.forwards.get_or_compute((model, image),
+                                            lambda: self._run(entry, image, layer))
 
-    def _run(self, entry: ModelEntry, image_id: str) -> ForwardResult:
-        import torch
+    def activation(self, model: str, image: str, layer: str) -> tuple[ForwardResult, Any]:
+        """``(result, output of layer)``; None when the layer produced no tensor."""
+        result = self.forward(model, image, layer)
+        if layer not in result.acts and not result.complete:
+            entry = self.models[model]
+            with result.lock:
+                if not result.complete:
+                    entry.layer_info(layer)  # unknown names raise before a full pass
+                    result.acts = self._capture(entry, result.x, "all")[0]
+                    result.complete = True
+            self.forwards.refresh((model, image))
+        return result, result.acts.get(layer)
 
+    def _capture(self, entry: ModelEntry, x: Any, layers: Any
+                 ) -> tuple[dict[str, Any], list[Any]]:
+        """One forward pass on the model's thread: kept activations and the top-10."""
         from ..hooks import capture
         from ..layers import first_tensor
+
+        loaded = entry.get()
+
+        def forward() -> tuple[Any, Any]:
+            if not layers:
+                predictions = loaded.predict(x, k=10)[0]
+                self.forward_count += 1
+                return {}, predictions
+            # One layer: copy it at once (the copy-on-write guard watches every op of the
+            # pass, which costs more than one copy). All layers: copy-on-write is cheaper.
+            copy: Any = "auto" if layers == "all" else True
+            with capture(loaded.module, layers, copy=copy) as acts:
+                predictions = loaded.predict(x, k=10)[0]
+            self.forward_count += 1
+            kept: dict[str, Any] = {}
+            for name in acts:
+                value = first_tensor(acts[name])
+                if value is not None and value.dim() >= 2:
+                    kept[name] = value[0]
+            return kept, predictions
+
+        return entry.run(forward)
+
+    def _run(self, entry: ModelEntry, image_id: str, layer: str | None) -> ForwardResult:
         from ..render.convert import to_pil
 
         pil = self.images.load(image_id)
         loaded = entry.get()
         x = loaded.preprocess(pil)
-
-        def forward() -> tuple[Any, Any]:
-            # One forward pass gives both the predictions and every layer's output.
-            # Copy-on-write keeps the outputs without copying them (a container and its
-            # last child share one tensor), so it is cheaper than copy=True here
-            # (Lite0, all 184 layers: ~27 vs ~35 ms per pass).
-            with capture(loaded.module, "all") as acts:
-                predictions = loaded.predict(x, k=10)[0]
-            self.forward_count += 1
-            return acts, predictions
-
-        acts, predictions = entry.run(forward)
-        kept: dict[str, torch.Tensor] = {}
-        for name in acts:
-            value = first_tensor(acts[name])
-            if value is not None and value.dim() >= 2:
-                kept[name] = value[0]
+        if layer:
+            entry.layer_info(layer)  # unknown names raise with suggestions
+        acts, predictions = self._capture(entry, x, [layer] if layer else [])
         display = to_pil(loaded.transform.to_display(x[0].detach().cpu()))
-        nbytes = sum(t.element_size() * t.nelement() for t in kept.values())
-        return ForwardResult(x=x, display=display, predictions=predictions, acts=kept,
-                             nbytes=nbytes)
+        return ForwardResult(x=x, display=display, predictions=predictions, acts=acts)
+
+    def status(self) -> dict[str, Any]:
+        """Caches, jobs and models as JSON (``/api/status``)."""
+        return {
+            "models_loaded": [n for n, e in self.models.entries.items() if e.loaded],
+            "forward_passes": self.forward_count,
+            "caches": {"uploads": self.images.uploads.status(),
+                       "forwards": self.forwards.status(),
+                       "cams": self.cams.status()},
+            "jobs": self.jobs.status(),
+            "atlas": self.atlas is not None,
+        }

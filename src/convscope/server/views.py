@@ -29,6 +29,20 @@ class CamUnavailableError(ConvscopeError):
     """CAM is not part of this installation (the attribution module is missing)."""
 
 
+class JobRequiredError(ConvscopeError):
+    """An expensive view that is not computed yet: it runs as a job (HTTP 202)."""
+
+    def __init__(self, message: str, job: dict[str, Any]):
+        super().__init__(message)
+        self.job = job
+
+
+#: Module types hidden from the layer tree unless asked: they copy or pad their input,
+#: so their maps repeat a neighbour's.
+HIDDEN_TYPES = ("Identity", "ZeroPad2d", "ConstantPad2d", "ReflectionPad2d",
+                "ReplicationPad2d", "CircularPad2d", "Dropout", "Dropout2d", "Flatten")
+
+
 @dataclass(frozen=True)
 class GridParams:
     """Feature-grid controls shared by the JSON and PNG routes."""
@@ -58,6 +72,9 @@ def models_view(state: ServerState) -> list[dict[str, Any]]:
                                                                         entry.spec)),
             "loaded": loaded is not None,
             "default": name == state.models.default,
+            # True/False once loaded when the loader knows; None: unknown (not loaded, or
+            # a module given as is). False means random weights: maps show no learning.
+            "pretrained": getattr(loaded, "pretrained", None) if loaded is not None else None,
         })
     return rows
 
@@ -73,6 +90,8 @@ def layers_view(state: ServerState, model: str) -> list[dict[str, Any]]:
         shape = info.output_shape
         row["spatial"] = bool(shape) and len(shape) == 3
         row["conv"] = _is_conv(modules.get(info.name))
+        row["parent"] = info.name.rsplit(".", 1)[0] if "." in info.name else ""
+        row["hidden"] = info.type in HIDDEN_TYPES
         rows.append(row)
     return rows
 
@@ -82,9 +101,11 @@ def _is_conv(module: Any) -> bool:
     return weight is not None and hasattr(weight, "dim") and weight.dim() == 4
 
 
-def predictions_view(state: ServerState, model: str, image: str, k: int) -> list[dict]:
-    """Top-``k`` classes from the cached forward pass."""
-    result = state.forward(model, image)
+def predictions_view(state: ServerState, model: str, image: str, k: int,
+                     layer: str | None = None) -> list[dict]:
+    """Top-``k`` classes from the cached forward pass; a new pass also captures ``layer``
+    (the layer the page shows next), so the first view costs one pass."""
+    result = state.forward(model, image, layer or None)
     return [{"index": p.index, "label": p.label, "probability": p.probability}
             for p in result.predictions[:k]]
 
@@ -92,14 +113,14 @@ def predictions_view(state: ServerState, model: str, image: str, k: int) -> list
 def activation(state: ServerState, model: str, image: str, layer: str
                ) -> tuple[ForwardResult, Any]:
     """The cached ``(C, H, W)`` activation of ``layer`` (404 with suggestions if unknown)."""
-    result = state.forward(model, image)
     entry = state.models[model]
-    if layer not in result.acts:
-        info = entry.layer_info(layer)  # raises UnknownLayerError for a wrong name
+    entry.layer_info(layer)  # raises UnknownLayerError for a wrong name
+    result, act = state.activation(model, image, layer)
+    if act is None:
+        info = entry.layer_info(layer)
         raise NoSpatialMapError(
             f"layer {layer!r} ({info.type}) produced no tensor output to draw"
         )
-    act = result.acts[layer]
     if act.dim() != 3:
         raise NoSpatialMapError(
             f"layer {layer!r} outputs a flat vector {tuple(act.shape)}, not a (C, H, W) map; "
@@ -174,7 +195,9 @@ def channel_view(state: ServerState, model: str, image: str, layer: str, channel
     out: dict[str, Any] = {
         "layer": layer, "channel": channel, "type": info.type,
         "map_size": list(act.shape[1:]), "stats": stats, "rank_by_mean": rank,
-        "dead": stats["max"] <= 0, "conv": _is_conv(module),
+        # One image says only that the channel is not active here; whether it is dead is
+        # a dataset question, answered by the atlas's statistics when one is loaded.
+        "inactive": stats["max"] <= 0, "conv": _is_conv(module),
         "receptive_field": info.as_dict()["receptive_field"],
     }
     if state.atlas is not None:
@@ -183,14 +206,22 @@ def channel_view(state: ServerState, model: str, image: str, layer: str, channel
 
 
 def channel_image(state: ServerState, model: str, image: str, layer: str, channel: int,
-                  cmap: str, size: int) -> Any:
-    """One channel drawn large (``feature_grid`` with ``channels=[c]``)."""
+                  cmap: str, size: int, over_input: bool = False, alpha: float = 0.5) -> Any:
+    """One channel drawn large (``feature_grid`` with ``channels=[c]``), or upsampled over
+    the input as the model sees it (``overlay``), to show where on the image it fires."""
     from ..render.grid import feature_grid
 
-    _, act = activation(state, model, image, layer)
+    result, act = activation(state, model, image, layer)
     _check_channel(act, layer, channel)
-    return feature_grid(act, channels=[channel], normalize="channel", cmap=cmap, pad=0,
-                        tile_size=size)
+    if not over_input:
+        return feature_grid(act, channels=[channel], normalize="channel", cmap=cmap, pad=0,
+                            tile_size=size)
+    from ..render.overlay import overlay
+
+    values = act[channel].float()
+    low, high = values.min(), values.max()
+    scaled = (values - low) / (high - low) if high > low else values * 0
+    return overlay(result.display, scaled, alpha=alpha, cmap=cmap)
 
 
 def filter_image(state: ServerState, model: str, layer: str, channel: int | None,
@@ -237,12 +268,35 @@ def cam_methods() -> list[str]:
 def cam_image(state: ServerState, model: str, image: str, method: str, target: int | None,
               layer: str | None, alpha: float, cmap: str) -> Any:
     """``convscope.overlay`` of ``convscope.cam`` for one class on the displayed input."""
+    from ..render.overlay import overlay
+
+    result, heatmap = cam_heatmap(state, model, image, method, target, layer)
+    return overlay(result.display, heatmap, alpha=alpha, cmap=cmap)
+
+
+def is_expensive(method: str) -> bool:
+    """Whether a CAM method runs many forward passes (then it runs as a job)."""
     try:
-        from ..methods.cam import cam
-        from ..render.overlay import overlay
+        from ..methods.cam import SCORE_METHODS, method_name
+    except ImportError:
+        return False
+    return method_name(method) in SCORE_METHODS
+
+
+def cam_heatmap(state: ServerState, model: str, image: str, method: str, target: int | None,
+                layer: str | None, client: str = "", job: bool = False
+                ) -> tuple[ForwardResult, Any]:
+    """The cached ``convscope.cam`` map of one class, computed here for cheap methods.
+
+    An expensive method (Score-CAM, Ablation-CAM) that is not cached yet is queued as a
+    job and :class:`JobRequiredError` raised (``job=True``: computed here, from the job).
+    """
+    try:
+        from ..methods.cam import cam, method_name
     except ImportError as error:
         raise CamUnavailableError(f"CAM is not available in this installation ({error})"
                                   ) from error
+    method = method_name(method)  # unknown names raise with suggestions
     result = state.forward(model, image)
     entry = state.models[model]
     loaded = entry.get()
@@ -260,8 +314,36 @@ def cam_image(state: ServerState, model: str, image: str, method: str, target: i
         return entry.run(lambda: cam(loaded, result.x, layer=layer or None, target=target,
                                      method=method)[0].detach().cpu())
 
-    heatmap = state.cams.get_or_compute((model, image, method, layer, target), compute)
-    return overlay(result.display, heatmap, alpha=alpha, cmap=cmap)
+    key = (model, image, method, layer, target)
+    found = state.cams.get(key)
+    if found is not None:
+        return result, found
+    if is_expensive(method) and not job:
+        params = {"model": model, "image": image, "method": method, "target": target,
+                  "layer": layer or ""}
+
+        def work() -> None:
+            cam_heatmap(state, model, image, method, target, layer, job=True)
+
+        queued = state.jobs.submit(client, "cam", key, params, work)
+        raise JobRequiredError(f"{method} runs as a job: poll /api/jobs/{queued.id}",
+                               queued.as_dict())
+    return result, state.cams.get_or_compute(key, compute)
+
+
+def sanity_view(state: ServerState, model: str, image: str, method: str,
+                target: int | None, steps: int) -> dict[str, Any]:
+    """``convscope.sanity_check`` of a method on one image, as JSON (run from a job)."""
+    from ..methods.sanity import sanity_check
+
+    result = state.forward(model, image)
+    entry = state.models[model]
+    loaded = entry.get()
+    if target is None:
+        target = result.predictions[0].index
+    report = entry.run(lambda: sanity_check(loaded, result.x, method=method, target=target,
+                                            steps=steps))
+    return report.as_dict()
 
 
 def atlas_view(state: ServerState, layer: str, channel: int) -> dict[str, Any]:
