@@ -1,30 +1,37 @@
 # convscope: two commands matter. `make demo` installs and runs the demo on the bundled
 # pretrained model; `make test` installs the test extras (and chromium for the browser
-# tests) and runs the suite. Everything lives in .venv.
+# tests), runs the suite and builds the docs site strictly. Everything lives in .venv.
+#
+# Every pip call passes -c constraints.txt: pyproject.toml declares ranges (so installing
+# convscope never replaces a user's torch), constraints.txt the exact versions CI tests.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip
+CONSTRAINTS := constraints.txt
+# pip's own chatter about this machine's extra index locations is noise, not an error
+PIP := quiet_pip() { $(PY) -m pip "$$@" 2>&1 | { grep -v "is ignored" || true; }; }; quiet_pip
 DEMO_OUT ?= demo-out
-
-.PHONY: demo test bench lint install install-test install-bench browser clean
+.PHONY: demo test test-suite docs bench lint install install-test install-bench \
+  browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Stamps re-run pip only when pyproject.toml changes.
-$(VENV)/.stamp-base: pyproject.toml | $(PY)
-	$(PIP) install -q -e . 2>&1 | grep -v "is ignored" || true
+# Stamps re-run pip only when pyproject.toml or constraints.txt change.
+$(VENV)/.stamp-base: pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(PIP) install -q -c $(CONSTRAINTS) -e .
 	$(PY) -c "import convscope, torch, torchvision"
 	touch $@
 
-$(VENV)/.stamp-test: pyproject.toml $(VENV)/.stamp-base
-	$(PIP) install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
-	$(PY) -c "import pytest, fastapi, captum, pytorch_grad_cam, torchcam, playwright"
+$(VENV)/.stamp-test: pyproject.toml $(CONSTRAINTS) $(VENV)/.stamp-base
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[test]"
+	$(PY) -c "import pytest, fastapi, captum, pytorch_grad_cam, torchcam, playwright, mkdocs"
 	touch $@
 
-$(VENV)/.stamp-bench: pyproject.toml $(VENV)/.stamp-test
-	$(PIP) install -q -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+$(VENV)/.stamp-bench: pyproject.toml $(CONSTRAINTS) $(VENV)/.stamp-test
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.stamp-base
@@ -43,8 +50,16 @@ browser:
 demo: install
 	$(VENV)/bin/convscope demo --out $(DEMO_OUT)
 
-test: install-test browser
+test: test-suite docs
+
+test-suite: install-test browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The docs site: figures and gallery generated from the bundled model, then a strict build
+# (a broken link, reference or docstring fails it). Offline: no plugin fetches anything.
+docs: install-test
+	$(PY) scripts/gen_docs.py --out docs/generated
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir site
 
 bench: install-bench
 	$(PY) benchmarks/run_all.py
@@ -53,4 +68,4 @@ lint: install-bench
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_OUT) site docs/generated dist build .pytest_cache .ruff_cache

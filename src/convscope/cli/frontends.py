@@ -19,8 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", "-m", action="append", dest="models", metavar="MODEL",
                    help=f"model to serve (repeatable; default {DEFAULT_MODEL}): a torchvision "
-                        "name, efficientnet_lite0, a checkpoint (NAME=PATH:ARCH is not "
-                        "needed for bundled names) or package.module:factory")
+                        "name, efficientnet_lite0, a checkpoint (with --arch) or "
+                        "package.module:factory")
     p.add_argument("--weights", help="weights of the (single) --model: DEFAULT, "
                                       "IMAGENET1K_V1 or a checkpoint path")
     p.add_argument("--arch", help="architecture of a checkpoint given as the --model")
@@ -64,8 +64,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """``convscope serve``."""
-    import uvicorn
+    from convscope._extras import require
 
+    require("fastapi", "convscope serve")
+    uvicorn = require("uvicorn", "convscope serve")
     from convscope.errors import ConvscopeError
     from convscope.server import Settings, create_app
 
