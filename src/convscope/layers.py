@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from .errors import UnknownLayerError
+from .errors import ConvscopeError, UnknownLayerError
 
 #: What a ``layers`` argument may be: one selector or a list of them.
 LayerSelector = str | int | type | nn.Module
@@ -120,13 +122,28 @@ def _match(
 # Layer table with output shapes and receptive fields.
 
 
+class InputSizeError(ConvscopeError, ValueError):
+    """An ``input_size`` or example input that the layer table cannot use."""
+
+    exit_code = 2
+
+
 @dataclass(frozen=True)
 class ReceptiveField:
     """Where one output position of a layer looks in the input image.
 
-    Position ``(i, j)`` of the layer's output is centred on input pixel
-    ``(start[0] + i * stride[0], start[1] + j * stride[1])`` and covers ``size`` pixels per
-    axis (the theoretical receptive field; it can exceed the image).
+    Position ``(i, j)`` of the layer's output sees the input box centred on pixel
+    ``(start[0] + i * stride[0], start[1] + j * stride[1])`` that is ``size`` pixels tall
+    and wide: rows ``start[0] + i * stride[0] - (size[0] - 1) / 2`` to
+    ``start[0] + i * stride[0] + (size[0] - 1) / 2`` inclusive, and likewise for columns.
+    This is the theoretical receptive field, the bounding box of every input pixel that can
+    influence the position; it can exceed the image.
+
+    ``start`` is the centre of position 0's *box*. For a plain chain of windows it is also
+    the centre of the middle kernel tap; where branches with different kernels or paddings
+    are joined (Inception's 1x7 and 7x1 paths) the joined box need not be centred on any
+    tap, and ``start`` is still its centre, so :meth:`box` is exact. The box edges are
+    integers; ``start`` is a whole or half pixel.
     """
 
     size: tuple[int, int]
@@ -135,14 +152,18 @@ class ReceptiveField:
 
     def box(self, row: int, col: int, height: int, width: int) -> tuple[int, int, int, int]:
         """Input-pixel box ``(top, left, bottom, right)`` of output position ``(row, col)``,
-        clipped to an image of ``height`` x ``width``; bottom/right are exclusive."""
+        clipped to an image of ``height`` rows and ``width`` columns; bottom/right are
+        exclusive."""
         centre_r = self.start[0] + row * self.stride[0]
         centre_c = self.start[1] + col * self.stride[1]
         top = math.floor(centre_r - (self.size[0] - 1) / 2)
         left = math.floor(centre_c - (self.size[1] - 1) / 2)
         bottom = top + self.size[0]
         right = left + self.size[1]
-        return (max(top, 0), max(left, 0), min(bottom, height), min(right, width))
+        return (
+            min(max(top, 0), height), min(max(left, 0), width),
+            max(min(bottom, height), 0), max(min(right, width), 0),
+        )
 
     def boxes(self, rows: Any, cols: Any, height: int, width: int) -> Any:
         """:meth:`box` for arrays of output positions at once: ``(..., 4)`` int array."""
@@ -151,9 +172,10 @@ class ReceptiveField:
         rows, cols = np.asarray(rows, dtype=np.float64), np.asarray(cols, dtype=np.float64)
         top = np.floor(self.start[0] + rows * self.stride[0] - (self.size[0] - 1) / 2)
         left = np.floor(self.start[1] + cols * self.stride[1] - (self.size[1] - 1) / 2)
-        return np.stack([np.maximum(top, 0), np.maximum(left, 0),
-                         np.minimum(top + self.size[0], height),
-                         np.minimum(left + self.size[1], width)], axis=-1).astype(np.int32)
+        bottom, right = top + self.size[0], left + self.size[1]
+        return np.stack([np.clip(top, 0, height), np.clip(left, 0, width),
+                         np.clip(bottom, 0, height), np.clip(right, 0, width)],
+                        axis=-1).astype(np.int32)
 
 
 @dataclass(frozen=True)
@@ -183,77 +205,6 @@ class LayerInfo:
         return row
 
 
-def _pair(value: Any) -> tuple[int, int]:
-    if isinstance(value, (tuple, list)):
-        return (int(value[0]), int(value[-1]))
-    return (int(value), int(value))
-
-
-_Field = tuple[tuple[int, int], tuple[int, int], tuple[float, float]]  # size, stride, start
-_IDENTITY_FIELD: _Field = ((1, 1), (1, 1), (0.0, 0.0))
-
-
-def _windowed(
-    field: _Field, kernel: Any, stride: Any, dilation: Any, padding: Any, in_hw: Any, out_hw: Any
-) -> _Field:
-    """Receptive field after a sliding-window layer (conv or pool).
-
-    Padding is inferred from the input and output sizes when the module's own padding
-    attribute is zero but the output is larger than a valid convolution gives: that is how
-    TensorFlow-style "same" convolutions (EfficientNet ports) pad inside ``forward``.
-    """
-    size, jump, start = field
-    k, s, d = _pair(kernel), _pair(stride), _pair(dilation)
-    if isinstance(padding, str):
-        padding = (0, 0) if padding == "valid" else None
-    pad = _pair(padding) if padding is not None else None
-    new_size, new_jump, new_start = [], [], []
-    for axis in range(2):
-        extent = (k[axis] - 1) * d[axis] + 1
-        explicit = pad[axis] if pad is not None else 0
-        implied_total = (out_hw[axis] - 1) * s[axis] + extent - in_hw[axis]
-        left = explicit
-        if (pad is None or explicit == 0) and implied_total > 0:
-            left = implied_total // 2
-        new_size.append(size[axis] + (extent - 1) * jump[axis])
-        new_jump.append(jump[axis] * s[axis])
-        new_start.append(start[axis] + ((extent - 1) / 2 - left) * jump[axis])
-    return (
-        (new_size[0], new_size[1]),
-        (new_jump[0], new_jump[1]),
-        (new_start[0], new_start[1]),
-    )
-
-
-_WINDOW_TYPES = (
-    nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d,
-    nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
-)
-
-
-def _next_field(module: nn.Module, field: _Field, in_hw: Any, out_hw: Any) -> _Field | None:
-    """Receptive field of ``module``'s output given its input's, or None when unknown."""
-    if isinstance(module, nn.Conv2d):
-        return _windowed(
-            field, module.kernel_size, module.stride, module.dilation, module.padding,
-            in_hw, out_hw,
-        )
-    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
-        stride = module.stride if module.stride else module.kernel_size
-        dilation = getattr(module, "dilation", 1)
-        return _windowed(
-            field, module.kernel_size, stride, dilation, module.padding, in_hw, out_hw
-        )
-    if isinstance(module, (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d,
-                           nn.ReplicationPad2d)):
-        left, _, top, _ = module.padding
-        size, jump, start = field
-        return (size, jump, (start[0] - top * jump[0], start[1] - left * jump[1]))
-    if tuple(in_hw) == tuple(out_hw):
-        return field  # pointwise in space: norms, activations, 1x1 adaptive identity
-    return None
-
-
 def list_layers(
     model: nn.Module,
     input_size: Sequence[int] | None = (3, 224, 224),
@@ -263,15 +214,22 @@ def list_layers(
 ) -> list[LayerInfo]:
     """Table of every submodule: name, type, output shape, parameters, receptive field.
 
-    Runs one forward pass of a zero batch of ``input_size`` (C, H, W) in eval mode under
-    ``torch.no_grad`` (training flags are restored afterwards) and records, for each module,
-    the output shape of its last call and how often it ran. Receptive fields are tracked
-    through conv, pooling and padding layers for every module with a spatial (4D) output;
-    branches joined by functional ops (residual adds) inherit the field of the most recent
-    module output of the same spatial size, which is the larger, main path in ResNets and
-    EfficientNets. Modules the forward pass never reached have ``output_shape=None``.
-    With ``input_size=None`` and no ``example_input``, only names, types and parameter
-    counts are reported.
+    Runs one forward pass of a zero input of ``input_size`` ((C, H, W), or (N, C, H, W)) in
+    eval mode under ``torch.no_grad`` (training flags are restored afterwards) and records,
+    for each module, the output shape of its last call and how often it ran. Modules the
+    forward pass never reached have ``output_shape=None``. With ``input_size=None`` and no
+    ``example_input``, only names, types and parameter counts are reported.
+
+    Receptive fields follow the actual data flow of that pass (see :func:`_FieldTracker`):
+    every conv, pooling and padding call (modules or ``torch.nn.functional``, so TF-"same"
+    padding inside ``forward`` counts) widens the field, and tensors joined by ``torch.cat``,
+    additions or products get the union of their inputs' fields, so parallel branches
+    (Inception's 1x7 and 7x1 paths, ResNet shortcuts) are exact. A field is ``None`` where no
+    box describes the position: after a resize or adaptive pool to another size, attention
+    over tokens (ViT, Swin, MaxViT report fields up to their patch embedding and stem only),
+    or any output that is not an (N, C, H, W) map. Two conventions, as in the receptive-field
+    literature: normalisation layers count as pointwise, and gates broadcast from a 1x1 map
+    (squeeze-and-excitation) are left out, since they summarise the whole image.
     """
     named = [(name, module) for name, module in model.named_modules() if name]
     params = {
@@ -279,14 +237,14 @@ def list_layers(
     }
     shapes: dict[str, tuple[int, ...]] = {}
     calls: dict[str, int] = {}
-    fields: dict[str, list[_Field | None]] = {}
+    fields: dict[str, list[ReceptiveField | None]] = {}
 
     if example_input is not None or input_size is not None:
         if example_input is None:
             if device is None:
                 first = next(model.parameters(), None)
                 device = first.device if first is not None else "cpu"
-            example_input = torch.zeros((1, *input_size), device=device)
+            example_input = torch.zeros(_batch_shape(input_size), device=device)
         _trace(model, named, example_input, shapes, calls, fields)
 
     return [
@@ -296,18 +254,26 @@ def list_layers(
             output_shape=shapes.get(name),
             params=params[name],
             calls=calls.get(name, 0),
-            receptive_field=_to_rf(fields[name][-1]) if fields.get(name) else None,
-            call_fields=tuple(_to_rf(field) for field in fields.get(name, [])),
+            receptive_field=fields[name][-1] if fields.get(name) else None,
+            call_fields=tuple(fields.get(name, [])),
         )
         for name, module in named
     ]
 
 
-def _to_rf(field: _Field | None) -> ReceptiveField | None:
-    if field is None:
-        return None
-    size, stride, start = field
-    return ReceptiveField(size=size, stride=stride, start=start)
+def _batch_shape(input_size: Sequence[int]) -> tuple[int, ...]:
+    """(N, C, H, W) from an ``input_size`` of (C, H, W) or (N, C, H, W)."""
+    try:
+        size = tuple(int(s) for s in input_size)
+    except (TypeError, ValueError) as err:
+        raise InputSizeError(
+            f"input_size must be (C, H, W) or (N, C, H, W) integers; got {input_size!r}"
+        ) from err
+    if len(size) not in (3, 4) or any(s <= 0 for s in size):
+        raise InputSizeError(
+            f"input_size must be (C, H, W) or (N, C, H, W) with positive sizes; got {size}"
+        )
+    return size if len(size) == 4 else (1, *size)
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
@@ -333,58 +299,436 @@ def _trace(
     example: torch.Tensor,
     shapes: dict[str, tuple[int, ...]],
     calls: dict[str, int],
-    fields: dict[str, list[_Field | None]],
+    fields: dict[str, list[ReceptiveField | None]],
 ) -> None:
-    """One forward pass that records shapes and propagates receptive fields."""
+    """One forward pass that records shapes and the receptive field of every output."""
     from .hooks import forward_hooks, preserve_training
 
-    input_hw = tuple(example.shape[-2:]) if example.dim() == 4 else None
-    # id(tensor) -> (tensor kept alive so the id stays unique, its field)
-    known: dict[int, tuple[torch.Tensor, _Field | None]] = {}
-    if input_hw is not None:
-        known[id(example)] = (example, _IDENTITY_FIELD)
-    recent: list[tuple[tuple[int, int], _Field]] = []  # (spatial size, field), newest last
-    leaf = {name: not any(True for _ in module.children()) for name, module in named}
-
-    def field_of(tensor: torch.Tensor | None) -> _Field | None:
-        if tensor is None or tensor.dim() != 4:
-            return None
-        entry = known.get(id(tensor))
-        if entry is not None and entry[0] is tensor:
-            return entry[1]
-        hw = tuple(tensor.shape[-2:])
-        for spatial, field in reversed(recent):
-            if spatial == hw:
-                return field
-        return _IDENTITY_FIELD if hw == input_hw and not recent else None
+    tracker = _FieldTracker()
+    if example.dim() == 4:
+        tracker.set(example, _Info(_IDENTITY, (2, 3)))
 
     def hook(name: str, module: nn.Module, inputs: tuple, output: Any) -> None:
         out = first_tensor(output)
         calls[name] = calls.get(name, 0) + 1
         if out is not None:
             shapes[name] = tuple(out.shape[1:])
-        src = first_tensor(inputs)
-        field: _Field | None = None
-        if out is not None and out.dim() == 4 and src is not None and src.dim() == 4:
-            if leaf[name] or isinstance(module, _WINDOW_TYPES):
-                in_field = field_of(src)
-                if in_field is not None:
-                    field = _next_field(
-                        module, in_field, tuple(src.shape[-2:]), tuple(out.shape[-2:])
-                    )
-            else:
-                # A container returns its last child's tensor (already known) or the result
-                # of a functional op such as a residual add: take the newest field of that
-                # spatial size, which is the main path's.
-                field = field_of(out)
+        info = tracker.info(out) if out is not None and out.dim() == 4 else None
+        field = None
+        if info is not None and info.spans is not None and info.axes == (2, 3):
+            field = _to_rf(info.spans)
         fields.setdefault(name, []).append(field)
-        if out is not None and field is not None:
-            known[id(out)] = (out, field)
-            recent.append((tuple(out.shape[-2:]), field))
 
     with preserve_training(model), torch.no_grad(), forward_hooks(dict(named), hook):
         model.eval()
-        model(example)
+        try:
+            with tracker:
+                model(example)
+        except RuntimeError as err:
+            raise InputSizeError(
+                f"the model cannot run on a zero input of shape {tuple(example.shape)}: "
+                f"{str(err).splitlines()[0] if str(err) else type(err).__name__} "
+                "(input_size is (C, H, W) or (N, C, H, W) and must match the model's "
+                "channels and minimum size)"
+            ) from err
+
+
+# --------------------------------------------------------------------------------------
+# Receptive fields along the data flow of one forward pass.
+
+#: One axis of a field: position ``i`` covers input pixels ``[lo + i*jump, lo + i*jump +
+#: size)``. Integers throughout, so windows and unions are exact.
+_Span = tuple[int, int, int]  # (lo, size, jump)
+_Spans = tuple[_Span, _Span]  # (rows, cols)
+_IDENTITY: _Spans = ((0, 1, 1), (0, 1, 1))
+
+
+@dataclass(frozen=True)
+class _Info:
+    """What the tracker knows about one tensor derived from the input."""
+
+    #: The field of each position, or None where no box describes it.
+    spans: _Spans | None
+    #: The tensor dims holding rows and columns (2, 3 for NCHW), or None once lost.
+    axes: tuple[int, int] | None
+
+
+_UNKNOWN = _Info(None, None)
+
+
+def _to_rf(spans: _Spans) -> ReceptiveField:
+    (lo_r, size_r, jump_r), (lo_c, size_c, jump_c) = spans
+    return ReceptiveField(
+        size=(size_r, size_c),
+        stride=(jump_r, jump_c),
+        start=(lo_r + (size_r - 1) / 2, lo_c + (size_c - 1) / 2),
+    )
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        return (int(value[0]), int(value[-1]))
+    return (int(value), int(value))
+
+
+def _union(spans: list[_Spans | None]) -> _Spans | None:
+    """The smallest field containing all ``spans`` (same stride per axis), else None."""
+    if not spans or any(s is None for s in spans):
+        return None
+    joined = []
+    for axis in range(2):
+        axis_spans = [s[axis] for s in spans]  # type: ignore[index]
+        if len({jump for _, _, jump in axis_spans}) != 1:
+            return None
+        lo = min(lo for lo, _, _ in axis_spans)
+        hi = max(lo + size for lo, size, _ in axis_spans)
+        joined.append((lo, hi - lo, axis_spans[0][2]))
+    return (joined[0], joined[1])
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name, default)
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor in nested tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in _tensors(item)]
+    return []
+
+
+def _dim(value: Any, ndim: int) -> int:
+    return int(value) % ndim if ndim else 0
+
+
+def _dims(value: Any, ndim: int) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)):
+        return [_dim(v, ndim) for v in value]
+    return [_dim(value, ndim)]
+
+
+_CONVS = {"conv2d"}
+_MAX_POOLS = {"max_pool2d", "_max_pool2d", "max_pool2d_with_indices"}
+_FRESH = {  # results that take only shape/dtype from their tracked argument
+    "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "zeros_like",
+    "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like",
+}
+_REDUCTIONS = {
+    "mean", "sum", "amax", "amin", "nansum", "nanmean", "logsumexp", "prod", "median",
+    "nanmedian", "max", "min", "argmax", "argmin", "all", "any", "std", "var",
+}
+_ALONG_DIM = {  # mix values along one dim (argument 1, default last)
+    "softmax", "log_softmax", "_softmax", "cumsum", "cumprod", "cummax", "cummin",
+    "logcumsumexp", "sort", "argsort", "msort",
+}
+_RESHAPES = {
+    "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
+    "reshape_as", "ravel", "squeeze_", "unsqueeze_",
+}
+_MIXERS = {  # spatial mixing no box describes
+    "conv1d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+    "unfold", "fold", "pixel_shuffle", "pixel_unshuffle", "grid_sample", "matmul", "mm",
+    "bmm", "baddbmm", "addmm", "einsum", "scaled_dot_product_attention",
+    "multi_head_attention_forward", "rot90", "fliplr", "flipud", "topk", "kthvalue",
+    "fractional_max_pool2d", "max_unpool2d", "embedding", "tensordot", "kron",
+    "fft_fft2", "fft_rfft2", "fft_fftn", "fft_rfftn", "unfold_copy", "as_strided",
+    "diagonal", "diag_embed", "tril", "triu", "gather", "scatter", "index_select",
+    "take", "masked_select", "repeat_interleave", "tile",
+}
+
+
+class _FieldTracker(TorchFunctionMode):
+    """Maps every tensor computed from the input to its receptive field, op by op.
+
+    Active only inside one ``with`` block (the layer table's forward pass). Each torch
+    function's result gets a field from its tracked arguments: conv/pool windows widen it,
+    padding shifts it, slicing offsets and strides it, reshapes and permutations follow the
+    row/column dims, and every other op on equal-sized maps (activations, norms, ``cat``,
+    ``+``, ``*``) takes the union of its inputs' fields. Tensors the input never reached
+    (weights, constants) are not tracked and add nothing.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # id(tensor) -> (weak reference that tells a reused id apart, what is known)
+        self._known: dict[int, tuple[weakref.ref, _Info]] = {}
+
+    def info(self, tensor: Any) -> _Info | None:
+        """What is known about ``tensor``; None for tensors the input never reached."""
+        entry = self._known.get(id(tensor))
+        if entry is not None and entry[0]() is tensor:
+            return entry[1]
+        return None
+
+    def set(self, tensor: torch.Tensor, info: _Info) -> None:
+        """Record ``info`` for ``tensor`` until it is freed."""
+        key = id(tensor)
+        known = self._known
+
+        def forget(ref: weakref.ref, key: int = key) -> None:
+            entry = known.get(key)
+            if entry is not None and entry[0] is ref:
+                del known[key]
+
+        known[key] = (weakref.ref(tensor, forget), info)
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name == "__setitem__":
+            self._setitem(args)
+            return out
+        outs = _tensors(out)
+        if not outs or name in _FRESH:
+            return out
+        tracked = [(t, info) for t in _tensors((args, kwargs))
+                   if (info := self.info(t)) is not None]
+        if tracked:
+            for tensor, info in zip(outs, self._rule(func, name, args, kwargs, tracked, outs)):
+                self.set(tensor, info)
+        return out
+
+    def _setitem(self, args: tuple) -> None:
+        target, value = args[0], args[2] if len(args) > 2 else None
+        infos = [(t, i) for t in (target, value)
+                 if isinstance(t, torch.Tensor) and (i := self.info(t)) is not None]
+        if infos and (len(infos) > 1 or infos[0][0] is not target):
+            self.set(target, _pointwise(infos, target))
+
+    def _rule(
+        self, func: Any, name: str, args: tuple, kwargs: dict,
+        tracked: list[tuple[torch.Tensor, _Info]], outs: list[torch.Tensor],
+    ) -> list[_Info]:
+        src = _arg(args, kwargs, 0, "input")
+        src_info = self.info(src) if isinstance(src, torch.Tensor) else None
+        if name in _MIXERS:
+            return [_UNKNOWN] * len(outs)
+        if name == "__get__":  # tensor properties: .data keeps positions, .T/.mT do not
+            attr = getattr(getattr(func, "__self__", None), "__name__", "")
+            return [_Info(src_info.spans, src_info.axes) if attr == "data" and src_info
+                    else _UNKNOWN] * len(outs)
+        if name == "stack":
+            at = _dim(_arg(args, kwargs, 1, "dim", 0), outs[0].dim())
+            layouts = {None if i.axes is None else
+                       (i.axes, tensor.shape[i.axes[0]], tensor.shape[i.axes[1]])
+                       for tensor, i in tracked}
+            first = tracked[0][1].axes
+            if None in layouts or len(layouts) != 1 or first is None:
+                return [_UNKNOWN] * len(outs)
+            return [_Info(_union([i.spans for _, i in tracked]),
+                          (first[0] + (first[0] >= at), first[1] + (first[1] >= at)))]
+        if src_info is not None and src_info.axes is not None:
+            assert isinstance(src, torch.Tensor)
+            special = _layout_rule(func, name, args, kwargs, src, src_info, outs)
+            if special is not None:
+                return special
+        elif name in _CONVS | _MAX_POOLS | _RESHAPES | {
+                "avg_pool2d", "lp_pool2d", "pad", "permute", "transpose", "__getitem__"}:
+            return [_UNKNOWN] * len(outs)
+        return [_pointwise(tracked, out) for out in outs]
+
+
+def _layout_rule(
+    func: Any, name: str, args: tuple, kwargs: dict, src: torch.Tensor, info: _Info,
+    outs: list[torch.Tensor],
+) -> list[_Info] | None:
+    """Fields for ops that move or window the row/column dims of ``src``; None: pointwise."""
+    axes = info.axes
+    assert axes is not None
+    ndim = src.dim()
+    if name in _CONVS or name in _MAX_POOLS or name in ("avg_pool2d", "lp_pool2d"):
+        if axes != (ndim - 2, ndim - 1):
+            return [_UNKNOWN] * len(outs)
+        if name in _CONVS:
+            kernel = tuple(_arg(args, kwargs, 1, "weight").shape[-2:])
+            stride = _pair(_arg(args, kwargs, 3, "stride", 1))
+            padding = _arg(args, kwargs, 4, "padding", 0)
+            dilation = _pair(_arg(args, kwargs, 5, "dilation", 1))
+            if isinstance(padding, str):  # PyTorch's "same" pads the extra pixel after
+                padding = tuple(d * (k - 1) // 2 if padding == "same" else 0
+                                for k, d in zip(kernel, dilation))
+        else:
+            at = 2 if name == "lp_pool2d" else 1
+            kernel = _pair(_arg(args, kwargs, at, "kernel_size"))
+            stride = _arg(args, kwargs, at + 1, "stride", None)
+            stride = _pair(stride) if stride not in (None, (), []) else kernel
+            padding = 0 if name == "lp_pool2d" else _arg(args, kwargs, 3, "padding", 0)
+            dilation = _pair(_arg(args, kwargs, 4, "dilation", 1)) if name in _MAX_POOLS \
+                else (1, 1)
+        pad = _pair(padding)
+        spans = None
+        if info.spans is not None:
+            spans = tuple(
+                (lo - pad[a] * jump, size + (kernel[a] - 1) * dilation[a] * jump,
+                 jump * stride[a])
+                for a, (lo, size, jump) in enumerate(info.spans)
+            )
+        out = outs[0]
+        result = [_Info(spans, (out.dim() - 2, out.dim() - 1))]  # type: ignore[arg-type]
+        return result + [_UNKNOWN] * (len(outs) - 1)  # pooling indices
+    if name == "pad":
+        pad = list(_arg(args, kwargs, 1, "pad"))
+        if _arg(args, kwargs, 2, "mode", "constant") == "circular" or info.spans is None:
+            return [_Info(None, axes)]
+        spans = []
+        for axis, (lo, size, jump) in zip(axes, info.spans):
+            at = 2 * (ndim - 1 - axis)
+            before = int(pad[at]) if at < len(pad) else 0
+            spans.append((lo - before * jump, size, jump))
+        return [_Info((spans[0], spans[1]), axes)]
+    if name in ("permute", "transpose", "swapaxes", "swapdims"):
+        if name == "permute":
+            dims = args[1:] if len(args) > 2 or (len(args) == 2 and isinstance(args[1], int)) \
+                else _arg(args, kwargs, 1, "dims")
+            order = [_dim(d, ndim) for d in dims]
+        else:
+            first = _dim(_arg(args, kwargs, 1, "dim0"), ndim)
+            second = _dim(_arg(args, kwargs, 2, "dim1"), ndim)
+            order = list(range(ndim))
+            order[first], order[second] = order[second], order[first]
+        return [_Info(info.spans, (order.index(axes[0]), order.index(axes[1])))]
+    if name in _RESHAPES:
+        return [_reshaped(info, tuple(src.shape), tuple(out.shape)) for out in outs]
+    if name == "__getitem__":
+        return [_indexed(info, tuple(src.shape), args[1])]
+    if name in _REDUCTIONS:
+        dim = _arg(args, kwargs, 1, "dim")
+        if isinstance(dim, torch.Tensor):
+            return None  # torch.max(a, b): elementwise
+        keepdim = kwargs.get("keepdim", False)
+        if name not in ("std", "var") and len(args) > 2 and isinstance(args[2], bool):
+            keepdim = args[2]
+        dims = _dims(dim, ndim)
+        if dims is None or not dims:
+            return [_UNKNOWN] * len(outs)
+        if set(dims) & set(axes):
+            return [_Info(None, axes) if keepdim else _UNKNOWN] * len(outs)
+        if not keepdim:
+            axes = (axes[0] - sum(d < axes[0] for d in dims),
+                    axes[1] - sum(d < axes[1] for d in dims))
+        return [_Info(info.spans, axes)] * len(outs)
+    if name in _ALONG_DIM or name in ("flip", "roll", "linear", "repeat"):
+        if name == "linear":
+            dims = [ndim - 1]
+        elif name == "roll":
+            dims = _dims(_arg(args, kwargs, 2, "dims"), ndim)
+        elif name == "flip":
+            dims = _dims(args[1:] if len(args) > 2 else _arg(args, kwargs, 1, "dims"), ndim)
+        elif name == "repeat":
+            reps = args[1:] if len(args) > 2 or isinstance(_arg(args, kwargs, 1, "x"), int) \
+                else _arg(args, kwargs, 1, "repeats")
+            offset = len(reps) - ndim
+            dims = [a for a in axes if int(reps[a + offset]) != 1]
+        else:
+            dims = _dims(_arg(args, kwargs, 1, "dim", -1), ndim)
+        if dims is None or set(dims) & set(axes):
+            return [_UNKNOWN] * len(outs)
+    return None
+
+
+def _reshaped(info: _Info, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> _Info:
+    """A view/reshape keeps the field when rows and columns stay two adjacent dims with
+    the same element count before and after them (row-major order is preserved)."""
+    assert info.axes is not None
+    rows, cols = info.axes
+    if cols != rows + 1:
+        return _UNKNOWN
+    before, after = math.prod(in_shape[:rows]), math.prod(in_shape[cols + 1:])
+    for at in range(len(out_shape) - 1):
+        if (out_shape[at:at + 2] == in_shape[rows:cols + 1]
+                and math.prod(out_shape[:at]) == before
+                and math.prod(out_shape[at + 2:]) == after):
+            return _Info(info.spans, (at, at + 1))
+    return _UNKNOWN
+
+
+def _indexed(info: _Info, shape: tuple[int, ...], index: Any) -> _Info:
+    """Basic indexing: ints drop dims, None adds one, slices of rows/columns offset and
+    stride the field (Swin's ``x[..., 0::2, 1::2, :]``); anything else is unknown."""
+    assert info.axes is not None
+    items = list(index) if isinstance(index, tuple) else [index]
+    for item in items:
+        if isinstance(item, (bool, torch.Tensor)) or not (
+                item is None or item is Ellipsis or isinstance(item, slice)
+                or hasattr(item, "__index__")):
+            return _UNKNOWN
+    consumed = sum(1 for item in items if item is not None and item is not Ellipsis)
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items[at:at + 1] = [slice(None)] * (len(shape) - consumed)
+    else:
+        items += [slice(None)] * (len(shape) - consumed)
+    spans = list(info.spans) if info.spans is not None else None
+    new_axes: dict[int, int] = {}
+    in_dim = out_dim = 0
+    for item in items:
+        if item is None:
+            out_dim += 1
+            continue
+        if not isinstance(item, slice):
+            if in_dim in info.axes:
+                return _UNKNOWN
+            in_dim += 1
+            continue
+        if in_dim in info.axes:
+            which = info.axes.index(in_dim)
+            start, _, step = item.indices(shape[in_dim])
+            if step <= 0:
+                return _UNKNOWN
+            new_axes[which] = out_dim
+            if spans is not None:
+                lo, size, jump = spans[which]
+                spans[which] = (lo + start * jump, size, jump * step)
+        in_dim += 1
+        out_dim += 1
+    return _Info((spans[0], spans[1]) if spans is not None else None,
+                 (new_axes[0], new_axes[1]))
+
+
+def _pointwise(tracked: list[tuple[torch.Tensor, _Info]], out: torch.Tensor) -> _Info:
+    """Field of an op that keeps positions in place (broadcasting from the right): the
+    union of its same-sized inputs' fields. Inputs broadcast from size 1 at rows and
+    columns (squeeze-and-excitation gates) are left out."""
+    axes: tuple[int, int] | None = None
+    joined: list[_Spans | None] = []
+    gates: list[torch.Tensor] = []
+    for tensor, info in tracked:
+        offset = out.dim() - tensor.dim()
+        if info.axes is None:
+            gates.append(tensor)
+            continue
+        if offset < 0:
+            return _UNKNOWN
+        mapped = (info.axes[0] + offset, info.axes[1] + offset)
+        in_hw = (tensor.shape[info.axes[0]], tensor.shape[info.axes[1]])
+        out_hw = (out.shape[mapped[0]], out.shape[mapped[1]])
+        if in_hw != out_hw:
+            if in_hw == (1, 1):
+                gates.append(tensor)
+                continue
+            return _Info(None, mapped)
+        if axes is not None and mapped != axes:
+            return _UNKNOWN
+        axes = mapped
+        joined.append(info.spans)
+    if axes is None:
+        return _UNKNOWN
+    for gate in gates:
+        offset = out.dim() - gate.dim()
+        if any(a - offset >= 0 and gate.shape[a - offset] != 1 for a in axes):
+            return _Info(None, axes)
+    return _Info(_union(joined), axes)
 
 
 # --------------------------------------------------------------------------------------
