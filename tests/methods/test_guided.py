@@ -19,7 +19,8 @@ from convscope.methods.cam import cam, guided_gradcam
 from convscope.methods.gradients import heatmap, saliency
 from convscope.methods.guided import GuidedBackpropError
 
-# x = 0.8 (linear everywhere), -2 (negative), 7 (above ReLU6's cap), 0.5 (below Threshold's 0.6)
+# x = 0.8 (linear everywhere), -2 (negative), 7 (above ReLU6's cap), 0.5 (where the plain
+# gradient is -4: guided backprop must stop it)
 X = torch.tensor([[[[0.8, -2.0], [7.0, 0.5]]]])
 W = torch.tensor([[2.0, 3.0, 0.5, -4.0], [1.0, 1.0, 1.0, 1.0]])
 POSITIVE_W0 = W[0].clamp(min=0)  # what guided backprop lets through at the activation output
@@ -59,7 +60,7 @@ KINDS = {  # name: (activation, its derivative at X, worked out by hand)
     "nn.RReLU(eval)": (lambda: nn.RReLU(0.1, 0.3), [1.0, 0.2, 1.0, 1.0]),
     "nn.PReLU": (lambda: nn.PReLU(init=0.25), [1.0, 0.25, 1.0, 1.0]),
     "nn.Hardtanh": (lambda: nn.Hardtanh(-3.0, 3.0), [1.0, 1.0, 0.0, 1.0]),
-    "nn.Threshold": (lambda: nn.Threshold(0.6, -1.0), [1.0, 0.0, 1.0, 0.0]),
+    "nn.Threshold": (lambda: nn.Threshold(0.3, -1.0), RELU),
     "F.relu": (lambda: F.relu, RELU),
     "torch.relu": (lambda: torch.relu, RELU),
     "Tensor.relu": (lambda: torch.Tensor.relu, RELU),
