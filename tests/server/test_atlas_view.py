@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-
 #: A Host the explorer answers when bound to loopback (TestClient sends "testserver").
 LOCAL = "http://localhost"
 

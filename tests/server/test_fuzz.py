@@ -7,7 +7,6 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
-
 #: A Host the explorer answers when bound to loopback (TestClient sends "testserver").
 LOCAL = "http://localhost"
 
