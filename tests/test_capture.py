@@ -270,10 +270,16 @@ def test_copy_modes_agree_and_unseen_writes_are_reported(vgg16):
             vgg16(x)
         results[mode] = acts
     for name in ("features.0", "features.1"):
-        torch.testing.assert_close(results["auto"][name], results[True][name])
-    with torch.no_grad(), capture(vgg16, "features.0", copy=False) as raw:
+        torch.testing.assert_close(results["auto"][name], results[True][name], rtol=0, atol=0)
+    # copy=False never copies; the conv output that the in-place ReLU rewrote is refused
+    # when read, never returned with post-ReLU values; the untouched ReLU output reads fine.
+    with torch.no_grad(), capture(vgg16, ["features.0", "features.1"], copy=False) as raw:
         vgg16(x)
-    assert raw["features.0"].min() >= 0  # no copy: the in-place ReLU shows through
+    with pytest.raises(CaptureIntegrityError, match=r"features\.0"):
+        raw["features.0"]
+    torch.testing.assert_close(raw["features.1"], results[True]["features.1"], rtol=0, atol=0)
+    with pytest.raises(CaptureIntegrityError):
+        dict(raw.items())
 
     net = nn.Sequential(nn.Linear(3, 3))
     with pytest.raises(CaptureIntegrityError, match="copy=True"), capture(net, "0") as acts:
@@ -283,17 +289,16 @@ def test_copy_modes_agree_and_unseen_writes_are_reported(vgg16):
     assert _hook_count(net) == 0
 
 
-def test_inplace_relu_in_sequential_runs_out_of_place_instead_of_copying(vgg16, resnet18,
-                                                                         monkeypatch):
-    """Inside an nn.Sequential, the ReLU after a watched conv runs out of place: the conv
-    output needs no copy and the model's result is unchanged. Elsewhere (ResNet's
-    BasicBlock) the output is copied just before the in-place write."""
+def test_copy_on_write_copies_only_what_is_written(vgg16, resnet18, monkeypatch):
+    """The conv outputs that an in-place ReLU rewrites (VGG) are copied just before the
+    write; outputs nobody writes (ResNet's convs) are kept without a copy; the model's
+    own result is bit-identical either way."""
     from convscope import hooks
 
     commits = []
     original = hooks._Pending.commit
     monkeypatch.setattr(hooks._Pending, "commit",
-                        lambda self: (commits.append(self.name), original(self))[1])
+                        lambda self, *a: (commits.append(self.name), original(self, *a))[1])
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected_out = vgg16(x)
@@ -301,17 +306,20 @@ def test_inplace_relu_in_sequential_runs_out_of_place_instead_of_copying(vgg16, 
         expected_conv = nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
         with capture(vgg16, [nn.Conv2d, "features.1"]) as acts:
             out = vgg16(x)
-    assert commits == []
+    assert sorted(commits) == sorted(n for n, m in vgg16.named_modules()
+                                     if isinstance(m, nn.Conv2d))
     torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
     torch.testing.assert_close(acts["features.0"], expected_conv, rtol=0, atol=0)
     torch.testing.assert_close(acts["features.1"], expected_conv.clamp_min(0), rtol=0, atol=0)
     assert _hook_count(vgg16) == 0
 
+    commits.clear()
     with torch.no_grad():
         block = resnet18.layer1[0]
-        with capture(resnet18, "layer1.0.bn1") as acts:
+        with capture(resnet18, [nn.Conv2d, "layer1.0.bn1", "layer1.0.bn2"]) as acts:
             resnet18(x)
         block_input = resnet18.maxpool(resnet18.relu(resnet18.bn1(resnet18.conv1(x))))
         expected_bn1 = block.bn1(block.conv1(block_input))
-    assert commits == ["layer1.0.bn1"]
-    torch.testing.assert_close(acts["layer1.0.bn1"], expected_bn1)
+    # bn1 is rewritten by the block's ReLU(inplace), bn2 by `out += identity`.
+    assert sorted(commits) == ["layer1.0.bn1", "layer1.0.bn2"]
+    torch.testing.assert_close(acts["layer1.0.bn1"], expected_bn1, rtol=0, atol=0)

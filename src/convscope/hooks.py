@@ -8,6 +8,7 @@ the hook bookkeeping it is built on).
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -76,6 +77,21 @@ class Activations(Mapping[str, Any]):
     def __init__(self, modules: Mapping[str, nn.Module]):
         self.modules: dict[str, nn.Module] = dict(modules)
         self._calls: dict[str, list[Any]] = {name: [] for name in self.modules}
+        # Outputs kept without a copy, checked against their version counter when read.
+        self._verify: list[_Verified] = []
+
+    def _check_versions(self, name: str | None = None) -> None:
+        """Raise if memory kept without a copy was written in place since it was stored."""
+        stale = sorted({
+            entry.name for entry in self._verify
+            if (name is None or entry.name == name) and entry.tensor._version != entry.version
+        })
+        if stale:
+            raise CaptureIntegrityError(
+                "the stored output of " + ", ".join(stale) + " was modified in place after "
+                "it was captured (the model or the caller wrote to that tensor); capture "
+                "again with copy=True or copy='auto'"
+            )
 
     def _record(self, name: str, value: Any) -> None:
         self._calls[name].append(value)
@@ -91,11 +107,16 @@ class Activations(Mapping[str, Any]):
         values = self._check(name)
         if not values:
             raise KeyError(f"layer {name!r} was selected but did not run in the forward pass")
+        if self._verify:
+            self._check_versions(name)
         return values[-1]
 
     def calls(self, name: str) -> list[Any]:
         """Every output of ``name`` in call order (several for a module reused in forward)."""
-        return list(self._check(name))
+        values = list(self._check(name))
+        if self._verify:
+            self._check_versions(name)
+        return values
 
     def __iter__(self) -> Iterator[str]:
         return (name for name, values in self._calls.items() if values)
@@ -135,6 +156,7 @@ class Activations(Mapping[str, Any]):
         """Drop every stored output (frees their memory)."""
         for values in self._calls.values():
             values.clear()
+        self._verify.clear()
 
     def __repr__(self) -> str:
         parts = []
@@ -178,19 +200,45 @@ def _inplace_positions() -> dict[Callable, int]:
     return positions
 
 
-def _written_tensors(func: Callable, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    """Tensors that the torch call ``func(*args, **kwargs)`` is about to write in place."""
+# How a torch function can write into one of its arguments (besides ``out=``):
+_NEVER = 0        # never in place
+_FIRST = 1        # always writes its first argument (``add_``, ``__iadd__``, ``__setitem__``)
+_FLAG = 2         # writes its first argument when ``inplace`` is true (``F.relu(x, inplace=True)``)
+_SCHEMA = 3       # an ATen overload whose schema marks written arguments (``torch.ops.aten.relu_``)
+
+
+def _write_kind(func: Callable) -> tuple[int, Any]:
+    """Classify ``func`` once: which of its arguments it may write in place."""
     name = getattr(func, "__name__", "")
+    if (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS:
+        return _FIRST, None
+    index = _inplace_positions().get(func)
+    if index is not None:
+        return _FLAG, index
+    schema = getattr(func, "_schema", None)
+    if schema is not None:
+        written = tuple(
+            i for i, arg in enumerate(schema.arguments)
+            if arg.alias_info is not None and arg.alias_info.is_write and not arg.kwarg_only
+        )
+        if written:
+            return _SCHEMA, written
+    return _NEVER, None
+
+
+def _written_tensors(
+    kind: int, detail: Any, args: tuple, kwargs: dict
+) -> list[torch.Tensor]:
+    """Tensors that a call classified by :func:`_write_kind` is about to write."""
     targets: list[torch.Tensor] = []
-    inplace = (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS
-    if not inplace:
-        flag = kwargs.get("inplace")
-        if flag is None:
-            index = _inplace_positions().get(func)
-            flag = args[index] if index is not None and index < len(args) else False
-        inplace = flag is True
-    if inplace and args and isinstance(args[0], torch.Tensor):
-        targets.append(args[0])
+    if kind == _FIRST or (
+        kind == _FLAG
+        and (kwargs.get("inplace") is True or (detail < len(args) and args[detail] is True))
+    ):
+        if args and isinstance(args[0], torch.Tensor):
+            targets.append(args[0])
+    elif kind == _SCHEMA:
+        targets.extend(args[i] for i in detail if i < len(args) and isinstance(args[i], torch.Tensor))
     out = kwargs.get("out")
     if isinstance(out, torch.Tensor):
         targets.append(out)
@@ -199,46 +247,33 @@ def _written_tensors(func: Callable, args: tuple, kwargs: dict) -> list[torch.Te
     return targets
 
 
-def _out_of_place(func: Callable, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """The arguments that run an ``inplace=True`` functional out of place, or None."""
-    if kwargs.get("inplace") is True:
-        return args, {**kwargs, "inplace": False}
-    index = _inplace_positions().get(func)
-    if index is not None and index < len(args) and args[index] is True:
-        return (*args[:index], False, *args[index + 1:]), kwargs
-    return None
-
-
-def _sequential_inplace_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules with ``inplace=True`` whose parent is a plain ``nn.Sequential``.
-
-    ``Sequential.forward`` passes each child's return value on and keeps no other
-    reference to its input, so running such a child out of place changes nothing the
-    model can observe; capture uses that to keep a watched output without copying it.
-    """
-    by_name = dict(model.named_modules())
-    found = {}
-    for name, module in by_name.items():
-        if not name or getattr(module, "inplace", False) is not True:
-            continue
-        parent = by_name[name.rsplit(".", 1)[0] if "." in name else ""]
-        if type(parent).forward is nn.Sequential.forward:
-            found[name] = module
-    return found
-
-
 class _Pending:
     """A stored output that still shares memory with the running model."""
 
-    __slots__ = ("alias", "calls", "index", "name", "version")
+    __slots__ = ("alias", "calls", "index", "name", "origin", "version")
 
-    def __init__(self, name: str, calls: list[Any], index: int, alias: torch.Tensor):
-        self.name, self.calls, self.index, self.alias = name, calls, index, alias
-        self.version = alias._version
+    def __init__(self, name: str, calls: list[Any], index: int, output: torch.Tensor):
+        self.name, self.calls, self.index = name, calls, index
+        self.alias = calls[index]
+        self.version = self.alias._version
+        # The module's own output object: while someone holds it (or a view of it, which
+        # holds its base), that memory can still be written after the capture ends.
+        self.origin = weakref.ref(output)
 
-    def commit(self) -> None:
+    def commit(self, copy: torch.Tensor | None = None) -> torch.Tensor:
         """Replace the stored alias by a private copy of its current (still exact) value."""
-        self.calls[self.index] = self.alias.clone()
+        copy = self.alias.clone() if copy is None else copy
+        self.calls[self.index] = copy
+        return copy
+
+
+class _Verified:
+    """A stored alias whose version counter proves it was not written since capture."""
+
+    __slots__ = ("name", "tensor", "version")
+
+    def __init__(self, name: str, tensor: torch.Tensor, version: int):
+        self.name, self.tensor, self.version = name, tensor, version
 
 
 class _CopyOnWrite(TorchFunctionMode):
@@ -246,22 +281,17 @@ class _CopyOnWrite(TorchFunctionMode):
 
     Storing the module's own output tensor and copying it only on a write costs nothing
     for the usual case and stays exact when an in-place op follows: ``ReLU(inplace=True)``
-    after a conv (VGG), ``out += identity`` after a BatchNorm (ResNet), ``x[...] = v``.
-    Every Python-visible in-place op in the body goes through ``__torch_function__``.
+    after a conv (VGG), ``out += identity`` after a BatchNorm (ResNet), ``x[...] = v``,
+    ``torch.add(a, b, out=a)``. Every Python-visible torch call in the body goes through
+    ``__torch_function__``; the op itself always runs exactly as the model wrote it.
+    Writes the mode cannot see (TorchScript, C++) are caught at exit by the autograd
+    version counter and reported instead of returning a wrong value.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.pending: dict[int, list[_Pending]] = {}
-        # Storage of a watched output that an in-place activation inside an nn.Sequential
-        # is about to rewrite; that one call may run out of place instead (see capture).
-        self.redirect: set[int] = set()
-
-    def allow_redirect(self, tensor: Any) -> None:
-        if isinstance(tensor, torch.Tensor):
-            pointer = tensor.untyped_storage().data_ptr()
-            if pointer in self.pending:
-                self.redirect.add(pointer)
+        self.pending: dict[int, list[_Pending]] = {}  # storage address -> stored aliases
+        self.kinds: dict[Callable, tuple[int, Any]] = {}
 
     def watch(self, entry: _Pending) -> None:
         pointer = entry.alias.untyped_storage().data_ptr()
@@ -272,51 +302,51 @@ class _CopyOnWrite(TorchFunctionMode):
 
     def protect(self, target: torch.Tensor) -> None:
         entries = self.pending.pop(target.untyped_storage().data_ptr(), None)
-        for entry in entries or ():
-            entry.commit()
+        if entries:
+            _commit_all(entries)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.pending:
-            targets = _written_tensors(func, args, kwargs)
-            if len(targets) == 1 and self.redirect:
-                pointer = targets[0].untyped_storage().data_ptr()
-                if pointer in self.redirect:
-                    self.redirect.discard(pointer)
-                    moved = _out_of_place(func, args, kwargs)
-                    if moved is not None:  # the watched output stays untouched: no copy
-                        return func(*moved[0], **moved[1])
-            for target in targets:
-                self.protect(target)
+            kind = self.kinds.get(func)
+            if kind is None:
+                kind = self.kinds[func] = _write_kind(func)
+            if kind[0] != _NEVER or "out" in kwargs:
+                for target in _written_tensors(kind[0], kind[1], args, kwargs):
+                    self.protect(target)
         return func(*args, **kwargs)
 
-    def settle(self) -> None:
-        """At exit: fail loudly on unseen writes, copy what the caller still holds."""
-        corrupted = []
+    def settle(self, failed: bool) -> list[_Verified]:
+        """At exit: report writes the mode could not see, copy what may still be written.
+
+        Returns the aliases kept without a copy, with the version to check on access.
+        """
+        corrupted, kept = [], []
         for entries in self.pending.values():
-            intact = []
-            for entry in entries:
-                if entry.alias._version != entry.version:
-                    corrupted.append(entry.name)
-                else:
-                    intact.append(entry)
-            if not intact:
-                continue
-            # Our own aliases (a container and its last child share one output) plus the
-            # temporary storage object account for len(entries) + 1 references; any more
-            # means someone else (the returned output, a view of it) can still write to
-            # this memory after the block, so keep private copies.
-            users = torch._C._storage_Use_Count(intact[0].alias.untyped_storage()._cdata)
-            if users > len(entries) + 1:
-                for entry in intact:
-                    entry.commit()
+            intact = [entry for entry in entries if entry.alias._version == entry.version]
+            corrupted.extend(entry.name for entry in entries if entry not in intact)
+            if any(entry.origin() is not None for entry in intact):
+                _commit_all(intact)
+            else:
+                kept.extend(_Verified(e.name, e.alias, e.version) for e in intact)
         self.pending.clear()
-        if corrupted:
+        if corrupted and not failed:
             raise CaptureIntegrityError(
                 "the output of " + ", ".join(sorted(set(corrupted))) + " was modified in place "
                 "by an operation convscope could not intercept (C++/TorchScript code or "
                 "another thread); capture again with copy=True"
             )
+        return kept
+
+
+def _commit_all(entries: list[_Pending]) -> None:
+    """Copy aliases that share one storage; equal views share one copy (a container and
+    its last child return the same tensor), so memory stays what was requested."""
+    copies: dict[tuple, torch.Tensor] = {}
+    for entry in entries:
+        alias = entry.alias
+        key = (alias.data_ptr(), alias.dtype, tuple(alias.shape), alias.stride())
+        copies[key] = entry.commit(copies.get(key))
 
 
 @contextmanager
@@ -334,14 +364,23 @@ def capture(
     ...     model(x)
     >>> acts["features.0"].shape
 
-    ``layers`` accepts anything :func:`~convscope.layers.resolve_layers` does. Stored
-    values are detached and exactly what the module returned, even when a later in-place
-    op (VGG's ``ReLU(inplace=True)``) rewrites that memory: with ``copy="auto"`` the output
-    is kept without copying and copied only just before something writes to it;
-    ``copy=True`` always copies at once; ``copy=False`` never copies (fastest, but a
-    later in-place op shows in the stored value). Outputs are moved ``to`` a device (``None`` keeps
-    them where they were made) and cast to ``dtype`` when given (``torch.float16`` halves
-    memory). Hooks are removed on exit and on exceptions; the model is never modified.
+    ``layers`` accepts anything :func:`~convscope.layers.resolve_layers` does. The model
+    computes exactly what it computes without capture (every op runs as written), and the
+    stored values are detached and exactly what each module returned, even when a later
+    in-place op (VGG's ``ReLU(inplace=True)``) rewrites that memory:
+
+    - ``copy="auto"`` (default) keeps the module's own output and copies it only just
+      before a torch op writes to it, or at exit when the caller still holds it. Inference
+      tensors (``torch.inference_mode``) carry no version counter to prove an alias intact,
+      so they are copied at once.
+    - ``copy=True`` always copies at once.
+    - ``copy=False`` never copies: reading an output that something rewrote in place
+      raises :class:`CaptureIntegrityError` instead of showing the wrong values; under
+      ``torch.inference_mode`` it refuses with a :class:`ConvscopeError`.
+
+    Outputs are moved ``to`` a device (``None`` keeps them where they were made) and cast
+    to ``dtype`` when given (``torch.float16`` halves memory). Hooks are removed on exit
+    and on exceptions; the model is never modified.
     """
     if copy not in (True, False, "auto"):
         raise ValueError(f"copy must be True, False or 'auto'; got {copy!r}")
@@ -356,40 +395,36 @@ def capture(
             and (target is None or output.device == target)
             and (dtype is None or output.dtype == dtype or not output.is_floating_point())
         )
-        if guard is not None and same_place:
+        if not same_place or copy is True:
+            acts._record(name, copy_output(output, to, dtype))
+        elif output.is_inference():
+            if copy is False:
+                raise ConvscopeError(
+                    "capture(copy=False) cannot verify outputs under torch.inference_mode "
+                    "(inference tensors have no version counter); use copy='auto' or True"
+                )
+            acts._record(name, copy_output(output, to, dtype))
+        else:
             calls = acts._calls[name]
             calls.append(output.detach())
-            guard.watch(_Pending(name, calls, len(calls) - 1, calls[-1]))
-        elif copy is False and same_place:
-            acts._record(name, output.detach())
-        else:
-            acts._record(name, copy_output(output, to, dtype))
+            if guard is not None:
+                guard.watch(_Pending(name, calls, len(calls) - 1, output))
+            else:
+                acts._verify.append(_Verified(name, calls[-1], calls[-1]._version))
 
     with forward_hooks(modules, hook):
         if guard is None:
-            yield acts
+            yield acts  # copy=False: each read verifies the version counters
             return
         failed = False
-        handles = []
-        for module in _sequential_inplace_modules(model).values():
-            handles.append(module.register_forward_pre_hook(
-                lambda _module, inputs: guard.allow_redirect(inputs[0] if inputs else None)))
-            handles.append(module.register_forward_hook(
-                lambda *_: guard.redirect.clear()))
         try:
             with guard:
-                try:
-                    yield acts
-                except BaseException:
-                    failed = True
-                    raise
-                finally:
-                    if failed:
-                        guard.pending.clear()
+                yield acts
+        except BaseException:
+            failed = True
+            raise
         finally:
-            for handle in handles:
-                handle.remove()
-        guard.settle()
+            acts._verify.extend(guard.settle(failed))
 
 
 class LayerActivations:

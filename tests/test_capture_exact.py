@@ -1,0 +1,401 @@
+"""The observer never changes the observed: a conformance zoo for capture().
+
+For every model here and every copy mode, ``capture(model, "all")`` must leave the model's
+output bit-identical to an uncaptured run, store for every module exactly what it returned
+(checked against plain hooks that clone each output the moment it is produced), and leave
+no hook behind, after a normal exit and after an exception. Receptive fields of every
+torchvision classifier are checked against gradient support in test_receptive_fields.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+
+from convscope import capture
+from convscope.errors import ConvscopeError
+from convscope.hooks import CaptureIntegrityError
+
+MODES = ("auto", True, False)
+
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_clone(v) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clone(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    return value
+
+
+def reference_outputs(model: nn.Module, run: Callable[[], Any]) -> tuple[Any, dict[str, list]]:
+    """Every module's output of every call, cloned by a plain hook the moment it is made
+    (the independent truth: no aliasing tricks), and the model's result."""
+    calls: dict[str, list] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if name:
+            def hook(_m, _i, out, name=name):
+                calls.setdefault(name, []).append(_clone(out))
+            handles.append(module.register_forward_hook(hook))
+    try:
+        result = run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return result, calls
+
+
+def assert_identical(actual: Any, expected: Any, where: str) -> None:
+    """Bit-identical, NaN-aware, through tuples, lists, dicts and named tuples."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), where
+        assert actual.dtype == expected.dtype and actual.shape == expected.shape, where
+        assert torch.equal(actual, expected) or torch.allclose(
+            actual, expected, rtol=0, atol=0, equal_nan=True), f"{where}: values differ"
+    elif isinstance(expected, dict):
+        assert list(actual) == list(expected), where
+        for key in expected:
+            assert_identical(actual[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, (tuple, list)):
+        assert len(actual) == len(expected), where
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_identical(a, e, f"{where}[{i}]")
+    else:
+        assert actual == expected, where
+
+
+# --------------------------------------------------------------------------------------
+# Toy models that break naive capture.
+
+
+class UNetSkip(nn.Module):
+    """pix2pix's innermost pattern: the block's input is kept for the skip connection
+    while its first child, an in-place LeakyReLU, rewrites it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, 4, 3, padding=1)
+        self.model = nn.Sequential(
+            nn.LeakyReLU(0.2, inplace=True), nn.Conv2d(4, 4, 3, padding=1),
+            nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.down(x)
+        return torch.cat([x, self.model(x)], 1)
+
+
+class InplaceZoo(nn.Module):
+    """Every kind of write capture must see: functional inplace flags, ``out=``, slices,
+    augmented assignment, ``Tensor.clamp_``, a module reused three times, a tuple output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.shared = nn.Hardtanh(-0.5, 0.5)
+        self.act = nn.ReLU6(inplace=True)
+        self.split = nn.Conv2d(4, 8, 1)
+        self.drop = nn.Dropout(0.3, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.conv(x)
+        a = self.shared(h)
+        h = self.act(h)
+        F.leaky_relu(h, 0.1, True)
+        h[:, :1] = 0.5
+        h += a
+        if torch.is_grad_enabled():  # out= is not differentiable
+            h.mul_(2.0)
+        else:
+            torch.mul(h, 2.0, out=h)
+        h.clamp_(-1, 3)
+        b = self.shared(self.drop(self.split(h)))
+        first, second = b[:, :4], b[:, 4:]
+        c = self.shared(second)
+        first.mul_(3)
+        return first, c
+
+
+class TupleOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y, {"neg": -y}
+
+
+class Structured(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair = TupleOut()
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y, extra = self.pair(x)
+        return self.relu(y) + extra["neg"]
+
+
+def _lite0() -> nn.Module:
+    from convscope.models import load_model
+
+    return load_model("efficientnet_lite0", device="cpu").module
+
+
+# name -> (builder, input size). One model per torchvision classification family plus the
+# bundled model and the toys; random weights, small inputs.
+ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "unet_skip": (UNetSkip, (2, 3, 16, 16)),
+    "inplace_zoo": (InplaceZoo, (2, 3, 12, 10)),
+    "structured": (Structured, (1, 3, 9, 7)),
+    "alexnet": (torchvision.models.alexnet, (1, 3, 64, 64)),
+    "vgg11_bn": (torchvision.models.vgg11_bn, (1, 3, 32, 32)),
+    "resnet18": (torchvision.models.resnet18, (2, 3, 64, 48)),
+    "resnext50_32x4d": (torchvision.models.resnext50_32x4d, (1, 3, 32, 32)),
+    "squeezenet1_1": (torchvision.models.squeezenet1_1, (1, 3, 64, 64)),
+    "densenet121": (torchvision.models.densenet121, (1, 3, 32, 32)),
+    "googlenet": (lambda: torchvision.models.googlenet(aux_logits=False, init_weights=False),
+                  (1, 3, 64, 64)),
+    "inception_v3": (lambda: torchvision.models.inception_v3(aux_logits=False,
+                                                             init_weights=False),
+                     (1, 3, 80, 80)),
+    "shufflenet_v2_x0_5": (torchvision.models.shufflenet_v2_x0_5, (1, 3, 64, 64)),
+    "mobilenet_v2": (torchvision.models.mobilenet_v2, (1, 3, 64, 64)),
+    "mobilenet_v3_small": (torchvision.models.mobilenet_v3_small, (2, 3, 64, 64)),
+    "mnasnet0_5": (torchvision.models.mnasnet0_5, (1, 3, 64, 64)),
+    "efficientnet_b0": (torchvision.models.efficientnet_b0, (1, 3, 64, 64)),
+    "regnet_y_400mf": (torchvision.models.regnet_y_400mf, (1, 3, 64, 64)),
+    "convnext_tiny": (torchvision.models.convnext_tiny, (1, 3, 64, 64)),
+    "swin_t": (torchvision.models.swin_t, (1, 3, 64, 64)),
+    "vit_b_16": (lambda: torchvision.models.vit_b_16(image_size=32), (1, 3, 32, 32)),
+    "maxvit_t": (lambda: torchvision.models.maxvit_t(input_size=(64, 64)), (1, 3, 64, 64)),
+    "efficientnet_lite0": (_lite0, (1, 3, 64, 64)),
+}
+
+_built: dict[str, nn.Module] = {}
+
+
+def _model(name: str) -> nn.Module:
+    if name not in _built:
+        torch.manual_seed(0)
+        builder, _ = ZOO[name]
+        model = builder().eval()
+        for module in model.modules() if name != "efficientnet_lite0" else ():  # non-trivial statistics, so BN is not an identity
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+        _built[name] = model
+    return _built[name]
+
+
+GRAD_MODES: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
+    "no_grad": torch.no_grad,
+    "inference_mode": torch.inference_mode,
+    "grad": torch.enable_grad,
+}
+
+
+@contextlib.contextmanager
+def _seeded() -> Iterator[None]:
+    """Dropout and other random ops draw the same numbers in every run."""
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)
+        yield
+
+
+def _check_model(name: str, grad_modes: tuple[str, ...]) -> None:
+    model = _model(name)
+    shape = ZOO[name][1]
+    torch.manual_seed(7)
+    x = torch.randn(shape)
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    for grad_name in grad_modes:
+        grad_mode = GRAD_MODES[grad_name]
+        with grad_mode(), _seeded():
+            plain = model(x.clone())
+        with grad_mode(), _seeded():
+            expected_out, expected = reference_outputs(model, lambda: model(x.clone()))
+        assert_identical(expected_out, plain, f"{name}: reference run")
+        for mode in MODES:
+            where = f"{name} [{grad_name}, copy={mode}]"
+            if mode is False and grad_name == "inference_mode":
+                with pytest.raises(ConvscopeError, match="inference_mode"), grad_mode(), \
+                        capture(model, "all", copy=False):
+                    model(x.clone())
+                assert _hook_count(model) == 0
+                continue
+            with grad_mode(), _seeded(), capture(model, "all", copy=mode) as acts:
+                out = model(x.clone())
+            assert _hook_count(model) == 0, where
+            assert_identical(out, plain, f"{where}: model output")
+            assert set(acts) == set(expected), where
+            for layer, outputs in expected.items():
+                if mode is False:
+                    try:
+                        stored = acts.calls(layer)
+                    except CaptureIntegrityError:
+                        continue  # rewritten in place and refused: never a wrong value
+                else:
+                    stored = acts.calls(layer)
+                assert len(stored) == len(outputs), f"{where}: {layer} calls"
+                for i, (value, truth) in enumerate(zip(stored, outputs)):
+                    assert_identical(value, truth, f"{where}: {layer} call {i}")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, params[key]), f"{name}: {key} changed"
+
+
+FAST = ("unet_skip", "inplace_zoo", "structured", "resnet18", "mobilenet_v3_small",
+        "efficientnet_lite0", "alexnet")
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_zoo_every_mode_bit_identical(name):
+    _check_model(name, tuple(GRAD_MODES))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in ZOO if n not in FAST])
+def test_zoo_torchvision_families(name):
+    _check_model(name, ("no_grad", "inference_mode"))
+    _built.pop(name, None)  # free the big ones
+
+
+def test_unet_skip_was_changed_by_the_old_out_of_place_trick():
+    """The case from the issue: capturing the layer before a skip block whose first child
+    is an in-place activation must not change what the block concatenates."""
+    model = _model("unet_skip")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        plain = model(x.clone())
+        for mode in MODES:
+            with capture(model, ["down", "model.1"], copy=mode) as acts:
+                out = model(x.clone())
+            assert torch.equal(out, plain)
+            down = model.down(x)
+            if mode is False:
+                with pytest.raises(CaptureIntegrityError, match="down"):
+                    acts["down"]
+            else:
+                assert torch.equal(acts["down"], down)
+                assert (acts["down"] < 0).any()  # the pre-LeakyReLU value
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_exception_in_body_or_forward_leaves_no_hooks(mode):
+    model = _model("inplace_zoo")
+    with pytest.raises(ZeroDivisionError), capture(model, "all", copy=mode):
+        model(torch.randn(1, 3, 8, 8))
+        raise ZeroDivisionError
+    assert _hook_count(model) == 0
+    with pytest.raises(RuntimeError), capture(model, "all", copy=mode):
+        model(torch.randn(1, 5, 8, 8))  # wrong channel count: the forward fails
+    assert _hook_count(model) == 0
+    with torch.no_grad():  # and the model still runs unchanged afterwards
+        model(torch.randn(1, 3, 8, 8))
+
+
+def test_autocast_half_models_and_channels_last():
+    resnet = _model("resnet18")
+    x = torch.randn(2, 3, 48, 40)
+    cases = {
+        "autocast_bf16": (resnet, x, lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
+        "channels_last": (resnet, x.to(memory_format=torch.channels_last),
+                          contextlib.nullcontext),
+    }
+    import copy as copy_module
+
+    for dtype in (torch.bfloat16, torch.float16):
+        half = copy_module.deepcopy(_model("unet_skip")).to(dtype)
+        cases[f"model_{dtype}"] = (half, torch.randn(2, 3, 16, 16, dtype=dtype),
+                                   contextlib.nullcontext)
+    for label, (model, inp, ctx) in cases.items():
+        with torch.no_grad(), ctx():
+            plain = model(inp.clone())
+            truth_out, truth = reference_outputs(model, lambda m=model, i=inp: m(i.clone()))
+        assert_identical(truth_out, plain, label)
+        for mode in ("auto", True):
+            with torch.no_grad(), ctx(), capture(model, "all", copy=mode) as acts:
+                out = model(inp.clone())
+            assert_identical(out, plain, f"{label} copy={mode}")
+            for layer, outputs in truth.items():
+                assert_identical(acts.calls(layer), outputs, f"{label} copy={mode} {layer}")
+        if label == "autocast_bf16":
+            assert acts["conv1"].dtype == torch.bfloat16
+        if label == "channels_last":
+            assert acts["conv1"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_grad_flags_and_grads_untouched():
+    model = _model("unet_skip")
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    torch.manual_seed(0)
+    model(x).square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    x_grad = x.grad.clone()
+    for p in model.parameters():
+        p.grad = None
+    x.grad = None
+    model.model[1].weight.requires_grad_(False)
+    try:
+        flags = [p.requires_grad for p in model.parameters()]
+        for mode in MODES:
+            with capture(model, "all", copy=mode):
+                model(x).square().sum().backward()
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    assert torch.equal(p.grad, grads[n]), n
+                else:
+                    assert p.grad is None
+                p.grad = None
+            assert torch.equal(x.grad, x_grad)
+            x.grad = None
+            assert [p.requires_grad for p in model.parameters()] == flags
+    finally:
+        model.model[1].weight.requires_grad_(True)
+
+
+def test_writes_after_the_block_never_show_in_stored_values():
+    """The caller keeps the model output, a view of it, or a detached alias and writes to
+    it after the block: the stored value stays the module's output, or reading it fails."""
+    net = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten())
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        truth = net[0](x)
+        for mode in MODES:
+            with capture(net, ["0", "1"], copy=mode) as acts:
+                out = net(x)  # Flatten returns a view of the conv output
+            out.mul_(0)
+            if mode is False:
+                with pytest.raises(CaptureIntegrityError):
+                    acts["0"]
+            else:
+                assert torch.equal(acts["0"], truth)
+                assert torch.equal(acts["1"], truth.flatten(1))
+
+        class Stash(nn.Module):
+            def forward(self, y):
+                self.kept = y.detach()  # a detached alias: shares memory, no reference
+                return y * 1
+
+        stash = nn.Sequential(nn.Conv2d(3, 2, 3), Stash())
+        with capture(stash, "0") as acts:
+            stash(x)
+        stash[1].kept.fill_(0)
+        with pytest.raises(CaptureIntegrityError, match="after it was captured"):
+            acts["0"]
