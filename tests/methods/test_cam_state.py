@@ -94,7 +94,7 @@ def x() -> torch.Tensor:
 
 
 ALL = ["gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "fasterscorecam",
-       "ablationcam", "eigencam"]
+       "ablationcam", "eigencam", "guided_gradcam"]
 
 
 @pytest.mark.parametrize("method", ALL)
