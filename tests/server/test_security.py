@@ -306,3 +306,39 @@ def test_live_server_refuses_rebinding(live):
     assert raw_get(port, "/api/models", host="attacker.example")[0] == 421
     assert raw_get(port, "/api/models", host=f"127.0.0.1:{port}")[0] == 200
     assert raw_get(port, "/static/app.js")[0] == 200
+
+
+def test_serve_cli_token_and_hosts(monkeypatch, capsys):
+    """A non-loopback bind gets a token (made up and printed, or from --token or
+    $CONVSCOPE_TOKEN); a loopback bind needs none; --allow-host sets the allow-list."""
+    import uvicorn
+
+    from convscope.cli.main import main
+
+    seen: dict = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: seen.update(app=app))
+    monkeypatch.delenv("CONVSCOPE_TOKEN", raising=False)
+    assert main(["serve", "--model", "resnet18", "--host", "0.0.0.0"]) == 0
+    settings = seen["app"].state.convscope.settings
+    err = capsys.readouterr().err
+    assert settings.token and len(settings.token) >= 20
+    assert f"?token={settings.token}" in err
+    assert "warning" in err
+    assert settings.hosts() is None
+    assert main(["serve", "--model", "resnet18", "--host", "0.0.0.0", "--token", "abc",
+                 "--allow-host", "box.lan", "--cache-mb", "64", "--upload-cache-mb", "32",
+                 "--max-jobs", "2"]) == 0
+    settings = seen["app"].state.convscope.settings
+    assert settings.token == "abc"
+    assert settings.hosts() == {"box.lan"}
+    assert (settings.cache_bytes, settings.upload_bytes, settings.max_jobs) == (
+        64 * 2**20, 32 * 2**20, 2)
+    monkeypatch.setenv("CONVSCOPE_TOKEN", "from-env")
+    assert main(["serve", "--model", "resnet18"]) == 0
+    settings = seen["app"].state.convscope.settings
+    assert settings.token == "from-env"
+    assert settings.hosts() == {"localhost", "127.0.0.1", "::1"}
+    monkeypatch.delenv("CONVSCOPE_TOKEN")
+    assert main(["serve", "--model", "resnet18"]) == 0
+    assert seen["app"].state.convscope.settings.token is None
+    assert "?token=" not in capsys.readouterr().err.splitlines()[-1]

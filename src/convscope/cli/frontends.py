@@ -37,6 +37,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="largest upload in pixels (default 40,000,000)")
     p.add_argument("--cache", type=int, default=6,
                    help="forward passes (image x model) kept in memory (default 6)")
+    p.add_argument("--cache-mb", type=int, default=512,
+                   help="MiB the kept forward passes may hold together (default 512)")
+    p.add_argument("--upload-cache-mb", type=int, default=256,
+                   help="MiB of decoded uploads kept (default 256)")
+    p.add_argument("--max-jobs", type=int, default=4,
+                   help="expensive jobs (Score-CAM, sanity checks) waiting or running at "
+                        "once; more get 429 (default 4)")
+    p.add_argument("--token", default=None,
+                   help="shared secret every API call must carry (default: $CONVSCOPE_TOKEN; "
+                        "made up and printed when binding to a non-loopback address)")
+    p.add_argument("--allow-host", action="append", default=None, metavar="NAME",
+                   help="Host header value to answer (repeatable; default: the loopback "
+                        "names on a loopback bind, any host otherwise; '*' for any)")
     p.add_argument("--threads", type=int,
                    help="requests served at once (default: 2 per CPU core, 4 to 32)")
     p.add_argument("--atlas", metavar="DIR", help="atlas folder (convscope atlas) for "
@@ -85,10 +98,22 @@ def run_serve(args: argparse.Namespace) -> int:
                                 num_classes=args.num_classes)
         models = {Path(models[0]).stem if models[0].endswith((".pt", ".pth")) else models[0]:
                   loaded}
+    import os
+    import secrets
+
+    from convscope.server.settings import is_loopback
+
+    token = args.token or os.environ.get("CONVSCOPE_TOKEN") or None
+    exposed = not is_loopback(args.host)
+    if exposed and token is None:
+        token = secrets.token_urlsafe(18)
     settings = Settings(
         models=models, images=list(args.image), device=args.device,
         host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_pixels=args.max_pixels, cache_entries=args.cache, atlas=args.atlas,
+        cache_bytes=args.cache_mb * 1024 * 1024,
+        upload_bytes=args.upload_cache_mb * 1024 * 1024, max_jobs=args.max_jobs,
+        token=token, allowed_hosts=args.allow_host,
     )
     if args.threads:
         settings.worker_threads = args.threads
@@ -96,11 +121,13 @@ def run_serve(args: argparse.Namespace) -> int:
     state = app.state.convscope
     with Steps(1).step(f"loading {state.models.default}"):
         state.models[state.models.default].get()
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving on {args.host}: other machines can reach the explorer",
-              file=sys.stderr)
-    print(f"convscope explorer on http://{_url_host(args.host)}:{args.port}/ (API docs at /docs)",
-          file=sys.stderr)
+    if exposed:
+        print(f"warning: serving on {args.host}: other machines can reach the explorer; "
+              "every API call needs the token", file=sys.stderr)
+    link = f"http://{_url_host(args.host)}:{args.port}/"
+    if token is not None:
+        link += f"?token={token}"
+    print(f"convscope explorer on {link} (API docs at /docs)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
