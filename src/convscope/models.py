@@ -546,19 +546,23 @@ def _from_huggingface(path: str, weights: str | Path | None, num_classes: int | 
         import transformers
     except ImportError as error:
         raise ConvscopeError("Hugging Face models need the transformers package") from error
+    # A name that is not a folder is looked up in the local cache only: never a download.
+    cache_only = {} if folder.is_dir() else {"local_files_only": True}
     try:
-        config = transformers.AutoConfig.from_pretrained(path)
+        config = transformers.AutoConfig.from_pretrained(path, **cache_only)
         architectures = list(getattr(config, "architectures", None) or [])
         cls = next((getattr(transformers, a) for a in architectures
                     if hasattr(transformers, a)), None)
         extra = {"num_labels": num_classes, "ignore_mismatched_sizes": True} if num_classes else {}
+        extra.update(cache_only)
         if cls is not None:
             module = cls.from_pretrained(path, **extra)
         else:
             module = transformers.AutoModelForImageClassification.from_pretrained(path, **extra)
     except (OSError, ValueError, KeyError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConvscopeError(f"could not load the Hugging Face model {path}: {first}") from error
+        where = "" if folder.is_dir() else " (not a folder, and not in the local Hugging Face cache)"
+        raise ConvscopeError(f"could not load the Hugging Face model {path}{where}: {first}") from error
     id2label = getattr(module.config, "id2label", None) or {}
     names = [str(id2label[i]) for i in sorted(int(k) for k in id2label)] if id2label else None
     if names is not None and len(names) != (_num_outputs(module) or len(names)):
@@ -566,7 +570,8 @@ def _from_huggingface(path: str, weights: str | Path | None, num_classes: int | 
     processor = _read_json(folder / "preprocessor_config.json") if folder.is_dir() else None
     if processor is None and not folder.is_dir():
         with contextlib.suppress(Exception):
-            processor = transformers.AutoImageProcessor.from_pretrained(path).to_dict()
+            processor = transformers.AutoImageProcessor.from_pretrained(
+                path, local_files_only=True).to_dict()
     transform = hf_preprocess(processor or {}, getattr(module.config, "image_size", None))
     return _wrap(module, transform, names, f"hf:{folder.name or path}", "huggingface")
 
