@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -16,6 +17,7 @@ COMMAND_MODULES = [
     "convscope.cli.cam",
     "convscope.cli.atlas",
     "convscope.cli.frontends",
+    "convscope.cli.visualize",
 ]
 
 
@@ -35,8 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _importable_cwd() -> None:
+    """Let ``--model package.module:factory`` import from the current folder, as it does
+    under ``python -m convscope``. The folder goes last on ``sys.path``, so nothing in it
+    can shadow the standard library or an installed package."""
+    cwd = os.getcwd()
+    if not any(entry in ("", cwd) for entry in sys.path):
+        sys.path.append(cwd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; expected errors print one line and return 2 (usage) or 1 (runtime)."""
+    _importable_cwd()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
