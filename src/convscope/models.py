@@ -199,7 +199,9 @@ def timm_names(pattern: str = "*", *, pretrained: bool = False) -> list[str]:
     ``pretrained=True``, the ``name.tag`` entries that have pretrained weights."""
     import timm
 
-    return list(timm.list_models(pattern, pretrained=pretrained))
+    if pretrained:
+        return list(timm.list_pretrained(pattern))
+    return list(timm.list_models(pattern))
 
 
 MODEL_SOURCES: tuple[tuple[str, str, str], ...] = (

@@ -31,10 +31,53 @@ def add_model_args(parser: argparse.ArgumentParser, *, positional: bool = False)
 
 def load_model_from_args(args: argparse.Namespace) -> LoadedModel:
     """The model the arguments describe (see :func:`convscope.models.load_model`)."""
+    import sys
+
     from convscope.models import load_model
 
-    return load_model(args.model, args.weights, args.device, arch=args.arch,
-                      num_classes=args.num_classes)
+    loaded = load_model(args.model, args.weights, args.device, arch=args.arch,
+                        num_classes=args.num_classes)
+    if not loaded.pretrained:  # random weights are never silent
+        print(f"warning: random weights ({loaded.name}); pass --weights (DEFAULT, a tag or a "
+              "file) for trained ones", file=sys.stderr)
+    return loaded
+
+
+def add_layer_args(parser: argparse.ArgumentParser, *, required: bool = False,
+                   help: str = "layer to use") -> None:
+    """``-l/--layer LAYER``, the same in every command: repeatable, one value per flag (so a
+    following positional is never taken as a layer), dotted names or globs. Parsed into
+    ``args.layers`` (a list, or None when not given); ``--layers`` is an alias."""
+    parser.add_argument(
+        "-l", "--layer", "--layers", dest="layers", action="append", metavar="LAYER",
+        required=required,
+        help=f"{help}; a dotted name (features.28) or a quoted glob ('features.*'); "
+             "repeat -l for more",
+    )
+
+
+def add_quiet_arg(parser: argparse.ArgumentParser) -> None:
+    """``-q/--quiet``: no progress on stderr (results still go to stdout)."""
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+
+
+def add_json_arg(parser: argparse.ArgumentParser, what: str = "the result") -> None:
+    """``--json``: print ``what`` as JSON on stdout instead of text."""
+    parser.add_argument("--json", action="store_true", help=f"print {what} as JSON on stdout")
+
+
+def single_layer(layers: list[str] | None, command: str) -> str | None:
+    """The one ``-l`` value of a command that explains a single layer (None: not given)."""
+    from convscope.errors import ConvscopeError
+
+    if not layers:
+        return None
+    if len(layers) > 1:
+        error = ConvscopeError(f"{command} takes one -l/--layer, got {len(layers)}: "
+                               + ", ".join(layers))
+        error.exit_code = 2
+        raise error
+    return layers[0]
 
 
 def parse_channels(text: str | None) -> Any:

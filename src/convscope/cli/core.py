@@ -50,7 +50,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.set_defaults(func=run_layers)
 
-    p = subparsers.add_parser("models", help="list the model names convscope can load")
+    p = subparsers.add_parser(
+        "models", help="list the model sources and names convscope can load",
+        description="Without PATTERN: the kinds of models load_model accepts, the bundled "
+                    "model and torchvision's names. With PATTERN (a glob such as 'convnext*'): "
+                    "the torchvision and timm names that match.",
+    )
+    p.add_argument("pattern", nargs="?", help="glob over model names, e.g. 'convnext*' or 'vit_*'")
+    p.add_argument("--pretrained", action="store_true",
+                   help="timm: list the NAME.TAG entries that have pretrained weights")
+    p.add_argument("--json", action="store_true", help="print JSON instead of lines")
     p.set_defaults(func=run_models)
 
     p = subparsers.add_parser(
@@ -178,12 +187,50 @@ def run_layers(args: argparse.Namespace) -> int:
 
 
 def run_models(args: argparse.Namespace) -> int:
-    """``convscope models``."""
-    from convscope.models import BUNDLED, torchvision_names
+    """``convscope models [PATTERN] [--pretrained] [--json]``."""
+    import fnmatch
 
-    print(f"{BUNDLED}  (bundled, ImageNet-pretrained, offline)")
-    for name in torchvision_names():
+    from convscope.models import BUNDLED, MODEL_SOURCES, timm_names, torchvision_names
+
+    pattern = getattr(args, "pattern", None)
+    pretrained = getattr(args, "pretrained", False)
+    if pattern is None and not pretrained:
+        listing: dict[str, Any] = {
+            "sources": [{"source": source, "example": example, "description": text}
+                        for source, example, text in MODEL_SOURCES],
+            "bundled": [BUNDLED],
+            "torchvision": torchvision_names(),
+        }
+    else:
+        glob = pattern or "*"
+        try:
+            timm_list = timm_names(glob, pretrained=pretrained)
+        except ImportError:
+            timm_list = []
+        listing = {
+            "pattern": glob,
+            "bundled": [BUNDLED] if fnmatch.fnmatch(BUNDLED, glob) else [],
+            "torchvision": [] if pretrained else fnmatch.filter(torchvision_names(), glob),
+            "timm": [f"timm:{name}" for name in timm_list],
+        }
+    if getattr(args, "json", False):
+        print(json.dumps(listing, indent=2))
+        return 0
+    if "sources" in listing:
+        print("# sources (convscope models 'PATTERN*' searches torchvision and timm names)")
+        width = max(len(row["example"]) for row in listing["sources"])
+        for row in listing["sources"]:
+            print(f"  {row['example'].ljust(width)}  {row['source']}: {row['description']}")
+        print(f"{BUNDLED}  (bundled, ImageNet-pretrained, offline)")
+        for name in listing["torchvision"]:
+            print(name)
+        return 0
+    names = [*listing["bundled"], *listing["torchvision"], *listing["timm"]]
+    for name in names:
         print(name)
+    if not names:
+        print(f"no model name matches {listing['pattern']!r}", file=sys.stderr)
+        return 1
     return 0
 
 
