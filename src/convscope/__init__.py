@@ -46,12 +46,16 @@ _EXPORTS: dict[str, str] = {
     "create_app": "convscope.server",
     # dataset atlas
     "Atlas": "convscope.atlas",
+    # feature visualisation
+    "visualize": "convscope.featvis",
+    "Visualization": "convscope.featvis",
+    "channel_summary": "convscope.featvis",
     # errors
     "ConvscopeError": "convscope.errors",
     "UnknownLayerError": "convscope.errors",
 }
 _SUBMODULES = {"plot", "atlas", "errors", "layers", "render", "methods", "models", "images",
-               "report", "server", "stats"}
+               "report", "server", "stats", "featvis"}
 
 __all__ = sorted([*_EXPORTS, "__version__"])
 
