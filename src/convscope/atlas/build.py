@@ -9,6 +9,7 @@ contiguous, disjoint slice; states are gathered and merged exactly).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -76,9 +77,11 @@ def build(
     ImageFolder sub-folders become labels), a text file listing image paths, a list of
     paths, a map-style ``Dataset`` of tensors or a ``DataLoader``. Unreadable files are
     skipped and listed in ``atlas.skipped``. ``rank_by`` keeps top-k lists by the
-    channel's spatial ``"max"`` and/or ``"mean"``. ``fused``: ``"compile"`` reduces each
-    activation in one ``torch.compile``-d kernel, ``"eager"`` uses plain reductions,
-    ``"auto"`` compiles for runs long enough to repay the compile time. With ``out`` and
+    channel's spatial ``"max"`` and/or ``"mean"``. ``fused``: ``"compile"`` makes the
+    histogram's bin ids with one ``torch.compile``-d kernel, ``"eager"`` with plain tensor
+    ops, ``"auto"`` compiles when the whole run (all ranks, from its start) has enough
+    batches to repay the compile time; the choice is made once per run, by all ranks
+    together, and both give identical statistics. With ``out`` and
     ``resume=True`` an interrupted run continues from its last checkpoint (written every
     ``checkpoint_every`` seconds) and ends with the same result. Under ``torchrun``
     (``torch.distributed`` initialised) every rank processes a disjoint shard and all ranks
@@ -89,6 +92,8 @@ def build(
         raise TopKTooLargeError(f"topk must be at least 1, got {topk}")
     if batch_size < 1:
         raise AtlasError(f"batch size must be at least 1, got {batch_size}")
+    if fused not in ("auto", "compile", "eager"):
+        raise AtlasError(f"fused must be 'auto', 'compile' or 'eager', got {fused!r}")
     rankings = tuple(dict.fromkeys(rank_by))
     for name in rankings:
         if name not in RANKINGS:
@@ -107,21 +112,41 @@ def build(
         raise AtlasError("a distributed atlas shards the data itself: pass a dataset, a "
                          "folder or a list of paths instead of a DataLoader")
     out_dir = Path(out) if out is not None else None
-    fingerprint = _fingerprint(loaded, infos, source.names, topk, rankings, edges)
-    if out_dir is not None:
-        _check_out_dir(out_dir, fingerprint, force)
+    if resume and out_dir is None:
+        raise AtlasError("resume needs an output folder (out=) to keep checkpoints in")
+    fingerprint = _fingerprint(loaded, infos, source, topk, rankings, edges, max_pixels)
     run = _Run(loaded, modules, infos, source, topk, rankings, edges, rank, world)
     ckpt = out_dir / CHECKPOINT.format(suffix=f"-rank{rank}of{world}" if world > 1 else "") \
         if out_dir is not None else None
-    if resume and ckpt is not None and ckpt.exists():
-        run.load_checkpoint(ckpt, fingerprint, force)
-    elif resume and out_dir is not None and _finished(out_dir, fingerprint):
+    # Every rank takes the same decisions (finished or not, which reduction), and a rank
+    # that fails here makes all of them fail: one rank returning while another waits in a
+    # collective would hang torchrun.
+    finished = False
+    recorded: bool | None = None  # the reduction of the run being resumed
+    error: BaseException | None = None
+    try:
+        if out_dir is not None:
+            _check_out_dir(out_dir, fingerprint, force)
+            finished = resume and _finished(out_dir, fingerprint)
+            if resume and ckpt is not None and ckpt.exists():
+                recorded = run.load_checkpoint(ckpt, fingerprint, force)
+    except Exception as caught:  # re-raised below, after the other ranks have heard of it
+        error = caught
+    if not _all_ranks(error is None, world, loaded.device):
+        if error is not None:
+            raise error
+        raise AtlasError("another process of this torchrun failed before the pass (see its "
+                         "error); nothing was computed")
+    if _all_ranks(finished, world, loaded.device):
         log.info("%s already holds this finished atlas; nothing to resume", out_dir)
-        return Atlas.load(out_dir)
-    elif resume and out_dir is None:
-        raise AtlasError("resume needs an output folder (out=) to keep checkpoints in")
+        if ckpt is not None and ckpt.exists():
+            ckpt.unlink()  # left by a crash after the atlas was written
+        return Atlas.load(out_dir)  # type: ignore[arg-type]
+    batches = _batch_count(source, batch_size)
+    compiled = _choose_reduction(fused, batches, loaded.device, recorded, world)
+    run.compiled = compiled
     clock = time.perf_counter()
-    run.execute(batch_size, workers, fused, ckpt, fingerprint, checkpoint_every, progress)
+    run.execute(batch_size, workers, ckpt, fingerprint, checkpoint_every, progress)
     log.info("timing rank %d: pass %.3f s for %d images", rank,
              time.perf_counter() - clock, len(run.shard))
 
@@ -260,10 +285,14 @@ def _dist_rank_world(distributed: bool | None) -> tuple[int, int]:
     return 0, 1
 
 
-def _fingerprint(loaded: LoadedModel, infos: dict[str, Any], names: list[str], topk: int,
-                 rankings: Sequence[str], edges: Sequence[float]) -> str:
-    """Hash of everything that determines the result: model weights (per-tensor sums),
-    layers, image list and settings."""
+def _fingerprint(loaded: LoadedModel, infos: dict[str, Any], source: _Source, topk: int,
+                 rankings: Sequence[str], edges: Sequence[float], max_pixels: int | None
+                 ) -> str:
+    """Hash of everything that changes a number of the result: model weights (per-tensor
+    sums), layers, the image list, how files are decoded and preprocessed (every field of
+    the transform: resize, crop, mean, std, interpolation...; ``max_pixels``), the input
+    size, the settings, the device type and the torch version. A checkpoint or finished
+    atlas with another fingerprint is never resumed."""
     digest = hashlib.sha256()
     with torch.no_grad():
         for key, value in loaded.module.state_dict().items():
@@ -271,11 +300,23 @@ def _fingerprint(loaded: LoadedModel, infos: dict[str, Any], names: list[str], t
                 checksum: float | int = float(value.sum(dtype=torch.float64))
             else:
                 checksum = int(value.sum(dtype=torch.int64)) if value.numel() else 0
-            digest.update(f"{key}:{tuple(value.shape)}:{checksum!r};".encode())
+            digest.update(f"{key}:{tuple(value.shape)}:{value.dtype}:{checksum!r};".encode())
+    preprocessing: Any = None
+    if isinstance(source.dataset, ImageFiles):  # tensors from a Dataset skip the transform
+        from convscope.images import DEFAULT_MAX_PIXELS
+
+        transform = loaded.transform
+        fields = (dataclasses.asdict(transform) if dataclasses.is_dataclass(transform)
+                  and not isinstance(transform, type) else repr(transform))
+        preprocessing = {"transform": type(transform).__qualname__, "fields": fields,
+                         "max_pixels": max_pixels if max_pixels is not None
+                         else DEFAULT_MAX_PIXELS}
     settings = {"model": loaded.name, "layers": infos, "topk": topk,
-                "rank_by": list(rankings), "edges": list(edges)}
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    digest.update("\n".join(names).encode())
+                "rank_by": list(rankings), "edges": [float(e) for e in edges],
+                "input_size": list(source.input_size), "preprocessing": preprocessing,
+                "device": loaded.device.type, "torch": torch.__version__}
+    digest.update(json.dumps(settings, sort_keys=True, default=repr).encode())
+    digest.update("\n".join(source.names).encode())
     return digest.hexdigest()[:24]
 
 
@@ -315,6 +356,7 @@ class _Run:
         self.shard = shard(len(source.names), rank, world)
         self.position = 0  # items of the shard consumed so far
         self.batch_size: int | None = None
+        self.compiled = False  # the one reduction of this run (chosen before the pass)
         self.stats = {name: ChannelStats(info["shape"][0], topk, rankings=rankings,
                                          edges=edges, device=loaded.device)
                       for name, info in infos.items()}
@@ -329,7 +371,7 @@ class _Run:
         state = {
             "fingerprint": fingerprint, "rank": self.rank, "world": self.world,
             "position": self.position, "position_images": self.position_images,
-            "batch_size": self.batch_size,
+            "batch_size": self.batch_size, "compiled": self.compiled,
             "stats": {name: s.state_dict() for name, s in self.stats.items()},
             "pred_class": self.pred_class, "pred_prob": self.pred_prob,
             "failures": [[i, msg] for i, msg in sorted(self.failures.items())],
@@ -338,7 +380,9 @@ class _Run:
         torch.save(state, tmp)
         os.replace(tmp, path)  # atomic: a kill never leaves a half-written checkpoint
 
-    def load_checkpoint(self, path: Path, fingerprint: str, force: bool) -> None:
+    def load_checkpoint(self, path: Path, fingerprint: str, force: bool) -> bool | None:
+        """Continue from ``path``; returns the reduction it was made with (True: compiled),
+        None when the checkpoint was ignored (``force``)."""
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # truncated or foreign file
@@ -351,7 +395,7 @@ class _Run:
                     "over"
                 )
             log.warning("ignoring checkpoint %s of a different atlas", path)
-            return
+            return None
         self.position = int(state["position"])
         self.position_images = int(state.get("position_images", 0))
         self.batch_size = state["batch_size"]
@@ -360,6 +404,7 @@ class _Run:
         self.pred_class, self.pred_prob = state["pred_class"], state["pred_prob"]
         self.failures = {int(i): str(msg) for i, msg in state["failures"]}
         log.info("resuming from %s at image %d of %d", path, self.position, len(self.shard))
+        return bool(state.get("compiled", False))
 
     # ------------------------------------------------------------------ the pass
 
@@ -374,7 +419,7 @@ class _Run:
             persistent_workers=False,
         )
 
-    def execute(self, batch_size: int, workers: int, fused: str, ckpt: Path | None,
+    def execute(self, batch_size: int, workers: int, ckpt: Path | None,
                 fingerprint: str, checkpoint_every: float, progress: Progress | None) -> None:
         if self.batch_size is not None and self.batch_size != batch_size:
             log.warning("resuming with the checkpoint's batch size %d (asked %d) so the "
@@ -382,8 +427,7 @@ class _Run:
             batch_size = self.batch_size
         self.batch_size = batch_size
         total = len(self.shard)
-        batches_left = -(-(total - self.position) // batch_size)
-        compiled = _use_compile(fused, batches_left, self.loaded.device)
+        compiled = self.compiled
         every_batches = int(os.environ.get(_ENV_CHECKPOINT_BATCHES, "0") or 0)
         kill_after = int(os.environ.get(_ENV_KILL_AFTER, "0") or 0)
         current: dict[str, torch.Tensor] = {}
@@ -501,7 +545,8 @@ class _Run:
             "skipped": skipped,
             "class_names": self.loaded.class_names,
             "settings": {"topk": k, "rank_by": list(next(iter(self.stats.values())).rankings),
-                         "batch_size": self.batch_size, "processes": self.world},
+                         "batch_size": self.batch_size, "processes": self.world,
+                         "reduction": "compiled" if self.compiled else "eager"},
         }
         return Atlas(meta, arrays)
 
@@ -512,24 +557,64 @@ def _user_batch(batch: Any, offset: int) -> tuple[torch.Tensor, torch.Tensor, li
     return images, indices, []
 
 
-def _use_compile(fused: str, batches: int, device: torch.device) -> bool:
+def _batch_count(source: _Source, batch_size: int) -> int:
+    """Batches of the whole run (all ranks, from the start): the same number on every rank
+    and on resume, so ``fused="auto"`` takes the same decision everywhere."""
+    if source.loader is not None:
+        try:
+            return len(source.loader)
+        except TypeError:  # an iterable-style loader without a length
+            return 0
+    return -(-len(source.names) // batch_size)
+
+
+def _choose_reduction(fused: str, batches: int, device: torch.device, recorded: bool | None,
+                      world: int) -> bool:
+    """One reduction for the whole run, agreed by all ranks: compiled or eager (True:
+    compiled). A resumed run keeps the one its checkpoint recorded. Both give identical
+    statistics; compiling only pays off for long runs."""
     if fused not in ("auto", "compile", "eager"):
         raise AtlasError(f"fused must be 'auto', 'compile' or 'eager', got {fused!r}")
-    if fused == "eager":
-        return False
-    if fused == "auto" and batches < (10 if device.type == "cuda" else 50):
-        return False
-    from .stats import _compiled_reduce
+    if recorded is not None:
+        want = recorded
+    elif fused == "auto":
+        want = batches >= (10 if device.type == "cuda" else 50)
+    else:
+        want = fused == "compile"
+    ok, error = want, None
+    if want:
+        try:
+            _probe_compile(device)
+        except Exception as caught:  # no C++ compiler, unsupported backend, ...
+            ok, error = False, caught
+    agreed = _all_ranks(ok, world, device)
+    if want and not agreed:
+        if fused == "compile" and recorded is None:
+            raise AtlasError(f"torch.compile of the histogram kernel failed: "
+                             f"{error or 'on another process'}") from error
+        log.warning("torch.compile unavailable (%s); using eager reductions (same result)",
+                    error or "on another process")
+    return agreed
 
-    try:
-        probe = torch.randn(6, 5, device=device)
-        _compiled_reduce()(probe, torch.tensor(DEFAULT_EDGES, device=device), True, 2)
-        return True
-    except Exception as error:  # no C++ compiler, unsupported backend, ...
-        if fused == "compile":
-            raise AtlasError(f"torch.compile of the fused reduction failed: {error}") from error
-        log.warning("torch.compile unavailable (%s); using eager reductions", error)
-        return False
+
+def _probe_compile(device: torch.device) -> None:
+    from .stats import _compiled_keys
+
+    probe = torch.randn(6, 5, device=device)
+    offsets = torch.zeros(6, 1, dtype=torch.int32, device=device)
+    _compiled_keys()(probe, torch.tensor(DEFAULT_EDGES, device=device), True, offsets)
+
+
+def _all_ranks(flag: bool, world: int, device: torch.device) -> bool:
+    """True when ``flag`` holds on every rank (a collective: every rank must call it)."""
+    if world == 1:
+        return bool(flag)
+    import torch.distributed as dist
+
+    where = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=where)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def _merge_exports(gathered: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:

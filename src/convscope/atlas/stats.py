@@ -1,13 +1,20 @@
 """Streaming, mergeable per-channel statistics and exact top-k of layer activations.
 
 :class:`ChannelStats` keeps, for one layer, O(channels x (k + histogram bins)) numbers on the
-device where the activations are made. Each batch is read once by :func:`reduce_batch`,
-which computes every per-(image, channel) quantity in one fused pass (one kernel when
-compiled with ``torch.compile``; in eager mode a handful of reductions over the same
-cache-resident rows). States of disjoint shards combine with :meth:`ChannelStats.merge`
-into exactly what one pass over the whole data gives, whatever the order: sums and
-histograms add, and top-k lists are merged under a total order (value descending, then
-image index ascending), which also makes ties deterministic.
+device where the activations are made. Each batch is read by :meth:`ChannelStats.update`:
+per (image, channel) row its max with position, sum and sum of squares (plain reductions
+over the whole batch, no temporaries), and every value's histogram bin, computed tile by
+tile (:data:`CHUNK` values at a time, so the bin ids never cost more than a few hundred KB
+and stay in the cache) either eagerly or by one ``torch.compile``-d kernel. The two paths
+share every floating-point operation and differ only in how integer bin ids are made, so
+they give bit-identical statistics. States of disjoint shards combine with
+:meth:`ChannelStats.merge` into exactly what one pass over the whole data gives, whatever the
+order: counts and histograms add, and top-k lists are merged under a total order (value
+descending, then image index ascending), which also makes ties deterministic.
+
+NaN values are counted per channel (``nan``) and in no histogram bin; they are neither
+positive nor a maximum for ranking (a NaN spatial max ranks below every number), while
+``mean``, ``std`` and ``max`` of a channel that produced NaN are NaN.
 """
 
 from __future__ import annotations
@@ -33,48 +40,54 @@ RANKINGS = ("max", "mean")
 PAD_INDEX = torch.iinfo(torch.int64).max
 
 
-def _exponent_bins(x: torch.Tensor) -> torch.Tensor:
-    """Bin of every float32 value for :data:`DEFAULT_EDGES`, from its exponent bits.
+#: Elements per histogram tile: the bin ids of one tile (int32) and the temporaries that
+#: make them stay in the CPU cache, and bound the histogram's extra memory (see
+#: docs/atlas.md) whatever the batch size.
+CHUNK = 1 << 15
+
+
+def _pow2_bins(x: torch.Tensor) -> torch.Tensor:
+    """Bin of every float32 value for :data:`DEFAULT_EDGES`, from its exponent bits; NaN
+    gets the extra bin ``len(DEFAULT_EDGES) + 1``.
 
     With edges 0 and +-2**k the bin is a function of the binary exponent: for x > 0 it is
-    ``ceil(log2 x) + 20`` clamped to bins 14..27, for x <= 0 ``6 - floor(log2 |x|)``
-    clamped to bins 0..13. Compiled, these integer ops fuse into one cheap elementwise
-    kernel (bucketize's binary search costs ~15x more per value on CPU).
+    ``ceil(log2 x) + 20`` clamped to bins 14..27, for x <= 0 (-0.0 included)
+    ``6 - floor(log2 |x|)`` clamped to bins 0..13; +inf is bin 27, -inf bin 0. A dozen
+    integer ops, exact (tested against ``bucketize``), that ``torch.compile`` fuses into one
+    elementwise kernel; bucketize's binary search costs several times more per value.
     """
     bits = x.view(torch.int32)
     magnitude = bits & 0x7FFFFFFF
-    ceil_log2 = ((magnitude - 1) >> 23) - 126  # x in (2**(c-1), 2**c]
-    floor_log2 = (magnitude >> 23) - 127  # |x| in [2**f, 2**(f+1))
-    positive = (bits > 0) & (magnitude <= 0x7F800000)  # sign bit clear, not NaN
-    return torch.where(positive, ceil_log2.clamp(-6, 7) + 20, 6 - floor_log2.clamp(-7, 6))
+    up = ((magnitude - 1) >> 23).clamp(120, 133) - 106  # positive: x in (2**(c-1), 2**c]
+    down = 133 - (magnitude >> 23).clamp(120, 133)  # |x| in [2**f, 2**(f+1))
+    bins = torch.where(bits > 0, up, down)
+    return torch.where(magnitude > 0x7F800000, len(DEFAULT_EDGES) + 1, bins)
 
 
-def _reduce(x: torch.Tensor, edges: torch.Tensor, exponent_bins: bool, channels: int
-            ) -> tuple[torch.Tensor, ...]:
-    """Per-row max, argmax, sum and sum of squares of ``x`` (R = N * channels rows of M
-    values), and every value's histogram bin offset by ``channel * bins`` (ready for one
-    scatter-add into a ``(channels, bins)`` histogram).
+def _keys(x: torch.Tensor, edges: torch.Tensor, pow2: bool, offsets: torch.Tensor
+          ) -> torch.Tensor:
+    """int32 histogram key of every value of the rows ``x``: its bin (NaN: the extra bin
+    ``len(edges) + 1``) plus its row's channel offset, for one ``bincount``.
 
-    Written as one function so ``torch.compile`` fuses it: one reduction kernel for the
-    four statistics and one elementwise kernel for the bins. Eagerly it is a handful of
-    separate passes (bucketize for the bins).
+    Eager and compiled runs call this same function on the same tiles and it only makes
+    integers, so both give bit-identical histograms.
     """
-    x = x.float().contiguous()
-    values, where = x.max(dim=1)
-    total = x.sum(dim=1)
-    squares = (x * x).sum(dim=1)
-    bins = _exponent_bins(x) if exponent_bins else torch.bucketize(x, edges, right=False)
-    rows = torch.arange(x.shape[0], device=x.device).view(-1, 1)
-    offsets = (rows % channels) * (edges.shape[0] + 1)
-    return values, where, total, squares, bins.long() + offsets
+    x = x.float()
+    if pow2:
+        bins = _pow2_bins(x)
+    else:
+        bins = torch.bucketize(x, edges, out_int32=True, right=False)
+        bins = torch.where(torch.isnan(x), edges.shape[0] + 1, bins)
+    return bins + offsets
 
 
 _compiled: dict[str, Callable[..., Any]] = {}
 
 
-def _compiled_reduce() -> Callable[..., Any]:
+def _compiled_keys() -> Callable[..., Any]:
+    """:func:`_keys` through ``torch.compile`` (one fused elementwise kernel per tile)."""
     if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(_reduce, dynamic=True)
+        _compiled["fn"] = torch.compile(_keys, dynamic=True)
     return _compiled["fn"]
 
 
@@ -92,7 +105,9 @@ class ChannelStats:
         self.rankings = tuple(rankings)
         self.device = torch.device(device)
         self.edges = torch.tensor(list(edges), dtype=torch.float32, device=self.device)
-        self._exponent_bins = [float(e) for e in edges] == list(DEFAULT_EDGES)
+        if self.edges.dim() != 1 or not bool((self.edges[1:] > self.edges[:-1]).all()):
+            raise ValueError("histogram edges must be a strictly increasing sequence")
+        self._pow2 = [float(e) for e in edges] == list(DEFAULT_EDGES)
         self.images = 0  # images reduced so far
         self.positions = 0  # values per channel per image (H * W); fixed per layer
         self.spatial: tuple[int, int] = (0, 0)
@@ -101,6 +116,7 @@ class ChannelStats:
         self.sumsq = torch.zeros(c, dtype=torch.float64, device=dev)
         self.max = torch.full((c,), -float("inf"), dtype=torch.float32, device=dev)
         self.hist = torch.zeros(c, len(edges) + 1, dtype=torch.int64, device=dev)
+        self.nan = torch.zeros(c, dtype=torch.int64, device=dev)
         self.top: dict[str, dict[str, torch.Tensor]] = {
             name: _empty_top(c, self.k, dev) for name in self.rankings
         }
@@ -110,7 +126,9 @@ class ChannelStats:
     def update(self, activation: torch.Tensor, indices: torch.Tensor, *,
                compiled: bool = False) -> None:
         """Fold a batch ``(N, C, H, W)`` (or ``(N, C)``) whose images have dataset indices
-        ``indices`` (N,) into the state. The activation is only read, never kept."""
+        ``indices`` (N,) into the state. The activation is only read, never kept.
+        ``compiled`` makes the histogram's bin ids with the ``torch.compile``-d kernel
+        (same result, faster on long runs)."""
         x = activation.detach()
         if x.dim() == 2:
             x = x[:, :, None, None]
@@ -123,15 +141,12 @@ class ChannelStats:
             raise ValueError(f"spatial size changed from {self.spatial} to {(h, w)}")
         self.spatial, self.positions = (h, w), h * w
         rows = x.reshape(n * c, h * w)
-        if compiled:
-            values, where, total, squares, ids = _compiled_reduce()(
-                rows, self.edges, self._exponent_bins, c)
-        else:
-            values, where, total, squares, ids = _reduce(rows, self.edges, False, c)
-        flat = ids.view(-1)
-        # scatter_add, not bincount: bincount first scans its input for min and max.
-        self.hist.view(-1).scatter_add_(0, flat, torch.ones(
-            (), dtype=torch.int64, device=flat.device).expand(flat.numel()))
+        if rows.dtype != torch.float32 or not rows.is_contiguous():
+            rows = rows.float().contiguous()
+        values, where = rows.max(dim=1)  # first position of the max; NaN wins (and ranks last)
+        total = rows.sum(dim=1)
+        squares = torch.bmm(rows.unsqueeze(1), rows.unsqueeze(2)).view(-1)  # no (R, M) copy
+        self._histogram(rows, compiled)
         values, where = values.view(n, c), where.view(n, c)
         total, squares = total.view(n, c), squares.view(n, c)
         self.images += n
@@ -143,6 +158,33 @@ class ChannelStats:
         for name in self.rankings:
             score = values if name == "max" else total / float(h * w)
             _merge_top(self.top[name], score.T, idx.T, loc.transpose(0, 1))
+
+    def _histogram(self, rows: torch.Tensor, compiled: bool) -> None:
+        """Count every value of ``rows`` (R = N x C rows of M values) into ``hist`` and
+        ``nan``, :data:`CHUNK` values at a time (a row longer than that is cut into pieces):
+        the int32 bin ids of one tile are all the extra memory the histogram needs."""
+        r, m = rows.shape
+        c, stride = self.channels, self.hist.shape[1] + 1  # value bins + the NaN bin
+        keys_of = _compiled_keys() if compiled else _keys
+        offsets = ((torch.arange(r, device=rows.device) % c) * stride).to(torch.int32)
+        offsets = offsets.view(r, 1)
+        counts = torch.zeros(c * stride, dtype=torch.int64, device=rows.device)
+        if m <= CHUNK:
+            step = CHUNK // m
+            tiles = ((slice(s, s + step), slice(None)) for s in range(0, r, step))
+        else:
+            tiles = ((slice(s, s + 1), slice(t, t + CHUNK))
+                     for s in range(r) for t in range(0, m, CHUNK))
+        for row_part, col_part in tiles:
+            keys = keys_of(rows[row_part, col_part], self.edges, self._pow2,
+                           offsets[row_part]).view(-1)
+            if keys.device.type == "cpu":
+                counts += torch.bincount(keys, minlength=counts.shape[0])
+            else:  # bincount would sync with the host to size its output
+                counts.index_add_(0, keys, _ones(keys))
+        counts = counts.view(c, stride)
+        self.hist += counts[:, :-1]
+        self.nan += counts[:, -1]
 
     # ------------------------------------------------------------------ merge / state
 
@@ -160,6 +202,7 @@ class ChannelStats:
         self.sumsq += other.sumsq.to(self.device)
         self.max = torch.maximum(self.max, other.max.to(self.device))
         self.hist += other.hist.to(self.device)
+        self.nan += other.nan.to(self.device)
         for name in self.rankings:
             theirs = {key: value.to(self.device) for key, value in other.top[name].items()}
             _merge_top(self.top[name], theirs["value"], theirs["index"], theirs["location"])
@@ -170,7 +213,7 @@ class ChannelStats:
             "channels": self.channels, "k": self.k, "rankings": list(self.rankings),
             "edges": self.edges.cpu(), "images": self.images, "spatial": list(self.spatial),
             "sum": self.sum.cpu(), "sumsq": self.sumsq.cpu(), "max": self.max.cpu(),
-            "hist": self.hist.cpu(),
+            "hist": self.hist.cpu(), "nan": self.nan.cpu(),
             "top": {name: {k: v.cpu() for k, v in top.items()} for name, top in self.top.items()},
         }
 
@@ -183,7 +226,7 @@ class ChannelStats:
         stats.images = int(state["images"])
         stats.spatial = (int(state["spatial"][0]), int(state["spatial"][1]))
         stats.positions = stats.spatial[0] * stats.spatial[1]
-        for key in ("sum", "sumsq", "max", "hist"):
+        for key in ("sum", "sumsq", "max", "hist", "nan"):
             setattr(stats, key, state[key].to(stats.device))
         stats.top = {name: {k: v.to(stats.device) for k, v in top.items()}
                      for name, top in state["top"].items()}
@@ -192,8 +235,9 @@ class ChannelStats:
     # ------------------------------------------------------------------ results
 
     def summary(self) -> dict[str, torch.Tensor]:
-        """Per-channel results as CPU tensors: count, mean, std, max, frac_positive, dead,
-        saturated, histogram (C, bins)."""
+        """Per-channel results as CPU tensors: count, nan, mean, std, max, frac_positive,
+        dead, saturated, histogram (C, bins). ``count`` includes NaN values, the histogram
+        does not (its rows add up to ``count - nan``)."""
         count = self.images * self.positions
         n = max(count, 1)
         mean = self.sum / n
@@ -202,6 +246,7 @@ class ChannelStats:
         positive = self.hist[:, zero_edge + 1:].sum(1)
         return {
             "count": torch.full((self.channels,), count, dtype=torch.int64),
+            "nan": self.nan.cpu(),
             "mean": mean.cpu(),
             "std": var.sqrt().cpu(),
             "max": self.max.cpu(),
@@ -211,6 +256,10 @@ class ChannelStats:
                 self.channels, dtype=torch.bool),
             "histogram": self.hist.cpu(),
         }
+
+
+def _ones(like: torch.Tensor) -> torch.Tensor:
+    return torch.ones((), dtype=torch.int64, device=like.device).expand(like.numel())
 
 
 def _empty_top(c: int, k: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -229,7 +278,9 @@ def _merge_top(top: dict[str, torch.Tensor], value: torch.Tensor, index: torch.T
     the same for any batching, sharding or merge order). NaN ranks below everything.
     """
     k = top["value"].shape[1]
-    values = torch.cat([top["value"], torch.nan_to_num(value.float(), nan=-float("inf"))], 1)
+    value = value.float()
+    value = torch.where(torch.isnan(value), -float("inf"), value)  # nan_to_num would clip inf
+    values = torch.cat([top["value"], value], 1)
     indices = torch.cat([top["index"], index], 1)
     locations = torch.cat([top["location"], location], 1)
     by_index = torch.argsort(indices, dim=1, stable=True)
