@@ -36,7 +36,7 @@ def test_demo_writes_the_seed_figures_offline(tmp_path):
     result = _run("demo", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "Egyptian cat" in result.stdout.splitlines()[3]  # first line of the top-5
-    assert "[6/6]" in result.stderr  # progress
+    assert "| 6/6 [" in result.stderr  # progress (tqdm, on stderr)
     html = (tmp_path / "index.html").read_text()
     for name in ("input.png", "activations_first_conv.png", "activations_first_activation.png",
                  "activations_middle_conv.png", "activations_last_conv.png",
@@ -96,3 +96,79 @@ def test_no_traceback_in_a_real_process(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "unknown layer 'layer9'" in result.stderr
+
+
+def _script() -> str:
+    """The installed ``convscope`` console script (not ``python -m``)."""
+    script = Path(sys.executable).with_name("convscope")
+    assert script.exists(), f"no console script next to {sys.executable}"
+    return str(script)
+
+
+def test_factory_from_the_current_folder_through_the_console_script(tmp_path):
+    package = tmp_path / "mypackage"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "models.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.ReLU())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([_script(), "layers", "mypackage.models:build", "--json",
+                             "--input-size", "3", "16", "16"], capture_output=True, text=True,
+                            cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert rows["0"]["output_shape"] == [5, 14, 14]
+    assert rows["0"]["params"] == 5 * 3 * 3 * 3 + 5
+
+
+def test_current_folder_cannot_shadow_installed_modules(tmp_path):
+    (tmp_path / "json.py").write_text("raise SystemExit('shadowed')\n")
+    code = ("import sys; from convscope.cli.main import _importable_cwd; _importable_cwd(); "
+            "import json; print(json.dumps([1]), sys.path[-1] == sys.argv[1])")
+    result = subprocess.run([sys.executable, "-I", "-c", code, str(tmp_path)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.stdout.split() == ["[1]", "True"], result.stderr
+
+
+def _layer_options() -> dict[str, object]:
+    import argparse
+
+    from convscope.cli.main import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    found = {}
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if "-l" in action.option_strings:
+                found[name] = action
+    return found
+
+
+# Commands whose -l is wired to cli.common.add_layer_args. A command that still has its
+# own -l (a single value, or nargs="+" that swallows a following positional) is listed in
+# NOT_YET_CONSISTENT; the strict xfail fails as soon as it is fixed, so the list shrinks.
+NOT_YET_CONSISTENT = {"activations", "filters", "cam", "atlas"}
+
+
+@pytest.mark.parametrize("command", sorted(
+    ["activations", "filters", "cam", "atlas", "report"]))
+def test_layer_option_is_the_same_everywhere(command, request):
+    if command in NOT_YET_CONSISTENT:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="own -l, not add_layer_args"))
+    action = _layer_options()[command]
+    assert action.option_strings == ["-l", "--layer", "--layers"]
+    assert action.dest == "layers"
+    assert action.nargs is None  # one value per -l: a positional after it stays positional
+    assert type(action).__name__ == "_AppendAction"
+
+
+def test_positional_after_layers_is_not_swallowed():
+    from convscope.cli.main import build_parser
+
+    args = build_parser().parse_args(["report", "-l", "_blocks.1*", "-l", "_conv_head",
+                                      "sample:chelsea"])
+    assert args.layers == ["_blocks.1*", "_conv_head"]
+    assert args.image == "sample:chelsea"

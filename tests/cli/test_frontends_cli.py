@@ -88,3 +88,40 @@ def test_serve_a_checkpoint(monkeypatch, tmp_path):
     assert entry.get().module.fc.out_features == 4
     torch.testing.assert_close(entry.get().module.fc.weight, net.fc.weight)
     assert main(["serve", "--model", "a", "--model", "b", "--arch", "resnet18"]) == 2
+
+
+def test_report_rejects_unknown_cam_method(tmp_path, capsys):
+    out = tmp_path / "r.html"
+    with pytest.raises(SystemExit) as info:
+        main(["report", "sample:chelsea", "--cam-method", "gradcma", "--out", str(out)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'gradcma'" in err and "gradcam++" in err
+    assert not out.exists()
+
+
+def test_report_quiet_prints_no_progress(tmp_path, capsys):
+    out = tmp_path / "r.html"
+    assert main(["report", "sample:chelsea", "-l", "_conv_stem", "--cam-topk", "1",
+                 "--cam-method", "eigencam", "--quiet", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert captured.out.startswith(str(out))
+    assert "Class activation maps (eigencam, top-1 classes)" in out.read_text()
+
+
+def test_report_progress_is_one_bar_on_stderr(tmp_path, capsys):
+    out = tmp_path / "r.html"
+    assert main(["report", "sample:chelsea", "-l", "_conv_stem", "--cam-topk", "1",
+                 "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "report: " in err and "3/3" in err
+    assert err.count("0/3") == 1  # one bar for all steps and the report's own phases
+
+
+def test_serve_help_describes_only_real_forms(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = capsys.readouterr().out
+    assert "NAME=PATH" not in text
+    assert "--arch" in text

@@ -6,7 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import DEFAULT_MODEL, add_model_args, load_model_from_args
+from convscope.methods import CAM_METHODS
+
+from .common import (
+    DEFAULT_MODEL,
+    add_layer_args,
+    add_model_args,
+    add_quiet_arg,
+    load_model_from_args,
+)
 from .progress import Steps
 
 
@@ -63,15 +71,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("image", help="image path or sample:NAME (chelsea, coffee, rocket, astronaut)")
     add_model_args(p)
-    p.add_argument("--layers", "-l", action="append",
-                   help="layer name or glob (repeatable; default: every conv block)")
+    add_layer_args(p, help="layer to draw (default: every conv block)")
     p.add_argument("--out", "-o", default="report.html", help="output file (report.html)")
     p.add_argument("--channels", type=int, default=64, help="channels per layer grid (64)")
     p.add_argument("--format", choices=["jpeg", "png", "webp"], default="jpeg",
                    help="embedded grid format: jpeg (small, default), png (lossless), webp")
-    p.add_argument("--cam-method", default="gradcam", help="CAM method (gradcam)")
+    p.add_argument("--cam-method", default="gradcam", choices=CAM_METHODS, metavar="METHOD",
+                   help="CAM method: " + ", ".join(CAM_METHODS) + " (default gradcam)")
     p.add_argument("--cam-topk", type=int, default=3, help="CAM for the top-k classes (3)")
     p.add_argument("--title", help="report title")
+    add_quiet_arg(p)
     p.set_defaults(func=run_report)
 
 
@@ -141,7 +150,7 @@ def run_report(args: argparse.Namespace) -> int:
     from convscope.images import load_image
     from convscope.report import ReportOptions, write_report
 
-    steps = Steps(3)
+    steps = Steps(3, quiet=args.quiet, title="report")
     with steps.step("loading image"):
         image = load_image(args.image)
     with steps.step(f"loading model {args.model}"):
@@ -150,6 +159,8 @@ def run_report(args: argparse.Namespace) -> int:
         options = ReportOptions(
             layers=args.layers, channels=args.channels, image_format=args.format,
             cam_method=args.cam_method, cam_topk=args.cam_topk, title=args.title,
+            progress=lambda message: steps.progress(f"report: {message}", steps.done,
+                                                    steps.total),
         )
         if args.title is None:
             name = args.image if args.image.startswith("sample:") else Path(args.image).name
