@@ -144,3 +144,29 @@ def test_cuda_request_without_cuda_is_a_clear_error():
 
     with pytest.raises(ConvscopeError, match="no CUDA device"):
         load_model("resnet18", device="cuda")
+
+
+def test_preprocess_resizes_the_pil_image_with_its_interpolation():
+    """Resize and crop run on the PIL image (as torchvision's and timm's transforms do),
+    with the configured interpolation; arrays and tensors give the same result."""
+    import numpy as np
+    from PIL import Image
+
+    from convscope.errors import ConvscopeError
+    from convscope.images import load_image
+    from convscope.models import Preprocess
+
+    image = load_image("sample:chelsea")  # 451 x 300
+    transform = Preprocess(resize=80, crop=64, interpolation="bicubic", mean=(0, 0, 0),
+                           std=(1, 1, 1))
+    by_hand = image.resize((120, 80), Image.Resampling.BICUBIC, reducing_gap=None)
+    left, top = (120 - 64) // 2, (80 - 64) // 2
+    expected = np.asarray(by_hand.crop((left, top, left + 64, top + 64)), dtype=np.float32) / 255
+    out = transform(image)
+    torch.testing.assert_close(out, torch.from_numpy(expected).permute(2, 0, 1), atol=1e-6, rtol=0)
+    squashed = Preprocess(resize=64, crop=64, squash=True, mean=(0, 0, 0), std=(1, 1, 1))
+    assert squashed(image).shape == (3, 64, 64)
+    as_tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    assert transform(as_tensor).shape == (3, 64, 64)
+    with pytest.raises(ConvscopeError, match="bicubic"):
+        Preprocess(interpolation="bicubicc")

@@ -62,8 +62,11 @@ class Preprocess:
             )
 
     def __call__(self, image: Any) -> torch.Tensor:
+        from PIL import Image
         from torchvision.transforms import v2 as T
 
+        if not isinstance(image, Image.Image):  # arrays and tensors: an image tensor first
+            image = T.ToImage()(image)
         mode = T.InterpolationMode(self.interpolation)
         size = [self.resize, self.resize] if self.squash else self.resize
         pipeline = T.Compose([
