@@ -241,10 +241,11 @@ def list_layers(
 
     if example_input is not None or input_size is not None:
         if example_input is None:
+            first = next(model.parameters(), None)
             if device is None:
-                first = next(model.parameters(), None)
                 device = first.device if first is not None else "cpu"
-            example_input = torch.zeros(_batch_shape(input_size), device=device)
+            dtype = first.dtype if first is not None and first.is_floating_point() else None
+            example_input = torch.zeros(_batch_shape(input_size), device=device, dtype=dtype)
         _trace(model, named, example_input, shapes, calls, fields)
 
     return [

@@ -1,0 +1,409 @@
+"""Receptive fields of list_layers against an independent computation: the input pixels
+whose gradient is non-zero for one output unit, on every torchvision classifier.
+
+With positive weights, positive inputs and every activation and normalisation made the
+identity (max pools become average pools of the same geometry), no path from an input
+pixel to a unit can cancel, so the gradient support is exactly the set of pixels the unit
+depends on, and its bounding box is the receptive field clipped to the image.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from convscope.errors import ConvscopeError
+from convscope.layers import InputSizeError, LayerInfo, ReceptiveField, list_layers
+
+ALL_MODELS = torchvision.models.list_models(module=torchvision.models)
+
+#: One builder per family and block type, checked against the gradient support (float64
+#: forward and backward passes are too slow for all 80 builders here); every builder is
+#: checked for a square final field on the meta device below.
+CHECKED = [
+    "alexnet", "vgg11_bn", "squeezenet1_1", "resnet18", "resnet50", "resnext50_32x4d",
+    "densenet121", "googlenet", "inception_v3", "mobilenet_v2", "mobilenet_v3_small",
+    "mnasnet0_5", "shufflenet_v2_x0_5", "efficientnet_b0", "efficientnet_v2_s",
+    "regnet_x_400mf", "regnet_y_400mf", "convnext_tiny", "vit_b_16", "swin_t", "swin_v2_t",
+    "maxvit_t",
+]
+#: Input size per family: the smallest convenient size the architecture runs at (ViT
+#: checks its position embedding against it, MaxViT's 7x7 partitions need 224).
+_SIZES = {"inception_v3": 299, "googlenet": 96, "vit": 32, "maxvit": 224}
+#: Layers checked besides the automatic picks: Inception's joins of parallel branches,
+#: where a field guessed from the newest map of the same size was wrong (the 1x7 branch
+#: is wider than tall, a functional average pool feeds branch_pool).
+_EXTRA = {"inception_v3": ["Mixed_5b.branch_pool", "Mixed_5b", "Mixed_6a",
+                           "Mixed_6b.branch7x7_2", "Mixed_6b.branch7x7dbl_3"]}
+#: Transformers: a field up to the patch embedding / convolutional stem, none after the
+#: first attention (tokens are reshaped and mixed across the whole window or image).
+_AFTER_ATTENTION = {"vit": None, "swin": "features.1", "maxvit": "blocks.0.layers.0"}
+
+
+def _family(name: str) -> str:
+    for prefix in ("vit", "swin", "maxvit"):
+        if name.startswith(prefix):
+            return prefix
+    return name
+
+
+class _Linearised(TorchFunctionMode):
+    """Runs a model with identity activations and normalisations and average pools in
+    place of max pools, whether they are modules or functional calls inside ``forward``."""
+
+    _IDENTITY = frozenset({"relu", "relu_", "relu6", "hardtanh", "hardtanh_", "silu", "gelu",
+                 "hardswish", "hardsigmoid", "sigmoid", "tanh", "batch_norm", "layer_norm",
+                 "group_norm", "dropout"})
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in self._IDENTITY:
+            return args[0] if args else kwargs["input"]
+        if name in ("max_pool2d", "max_pool2d_with_indices", "_max_pool2d"):
+            x, kernel, stride, padding, dilation, ceil_mode = (
+                list(args) + [None] * 6)[:6]
+            kernel = kwargs.get("kernel_size", kernel)
+            stride = kwargs.get("stride", stride) or kernel
+            padding = kwargs.get("padding", padding) or 0
+            ceil_mode = bool(kwargs.get("ceil_mode", ceil_mode))
+            assert kwargs.get("dilation", dilation) in (None, 1, (1, 1))
+            return F.avg_pool2d(x, kernel, stride, padding, ceil_mode)
+        if name == "adaptive_max_pool2d":
+            return F.adaptive_avg_pool2d(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def _no_init() -> Iterator[None]:
+    """Skip torch.nn.init while building: the test sets every parameter itself, and the
+    random initialisation of the large models would dominate this file's run time."""
+    saved = {name: getattr(nn.init, name) for name in dir(nn.init)
+             if name.endswith("_") and not name.startswith("_")}
+    try:
+        for name in saved:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, func in saved.items():
+            setattr(nn.init, name, func)
+
+
+def _positive(model: nn.Module) -> nn.Module:
+    """The model in float64, eval mode, with every weight 1 / fan-in and every other
+    parameter 0.01; squeeze-and-excitation gates made constant (global context, outside
+    any receptive field by convention). Parameters over 4M values (classifier heads, never
+    reached by the gradient check, which stops at the last checked layer) keep their
+    uninitialised memory to save time."""
+    model = model.eval().double()
+    with torch.no_grad():
+        for module in model.modules():
+            for pname, param in module.named_parameters(recurse=False):
+                if param.numel() > 4_000_000:
+                    continue
+                if pname == "weight" and param.dim() > 1:
+                    param.fill_(1.0 / param[0].numel())
+                else:
+                    param.fill_(0.01)
+        for module in model.modules():
+            if isinstance(module, torchvision.ops.SqueezeExcitation):
+                module.fc1.weight.zero_()
+    return model
+
+
+def _build(name: str, size: int | None = None, device: str = "cpu") -> nn.Module:
+    """A torchvision classifier without running its random initialisation."""
+    kwargs: dict[str, Any] = {}
+    if name in ("inception_v3", "googlenet"):
+        kwargs = {"aux_logits": False, "init_weights": False}
+    if name.startswith("vit") and size is not None:
+        kwargs = {"image_size": size}
+    with _no_init():
+        return torchvision.models.get_model(name, **kwargs).to(device).eval()
+
+
+def _support(grad: torch.Tensor) -> tuple[int, int, int, int]:
+    """Bounding box (top, left, bottom, right), exclusive, of the non-zero gradient."""
+    hits = grad.abs().sum(dim=(0, 1))
+    rows = torch.nonzero(hits.sum(dim=1))[:, 0]
+    cols = torch.nonzero(hits.sum(dim=0))[:, 0]
+    return (int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1)
+
+
+def _assert_box(rf: ReceptiveField, row: int, col: int, height: int, width: int,
+                support: tuple[int, int, int, int], label: str) -> None:
+    """Each edge of the box that lies inside the image must be the support's edge. An
+    edge clipped by the image only bounds the support: convolutions without padding
+    (stride 2) can leave the last rows and columns of an image unread."""
+    top = math.floor(rf.start[0] + row * rf.stride[0] - (rf.size[0] - 1) / 2)
+    left = math.floor(rf.start[1] + col * rf.stride[1] - (rf.size[1] - 1) / 2)
+    bottom, right = top + rf.size[0], left + rf.size[1]
+    box = rf.box(row, col, height, width)
+    s_top, s_left, s_bottom, s_right = support
+    where = (label, (row, col), rf, box, support)
+    assert s_top == top if top >= 0 else s_top >= box[0], where
+    assert s_left == left if left >= 0 else s_left >= box[1], where
+    assert s_bottom == bottom if bottom <= height else s_bottom <= box[2], where
+    assert s_right == right if right <= width else s_right <= box[3], where
+
+
+def _inside(rf: ReceptiveField, row: int, col: int, height: int, width: int) -> bool:
+    top = rf.start[0] + row * rf.stride[0] - (rf.size[0] - 1) / 2
+    left = rf.start[1] + col * rf.stride[1] - (rf.size[1] - 1) / 2
+    return top > 0 and left > 0 and top + rf.size[0] < height and left + rf.size[1] < width
+
+
+def _pick(rows: list[LayerInfo], height: int, width: int, extra: list[str]) -> list[LayerInfo]:
+    """Layers to check: three spread over the depth whose centre unit's field lies inside
+    the image (so every edge is tested), up to two with a non-square field, and the one
+    with the largest field (the final feature map)."""
+    spatial = [r for r in rows if r.receptive_field is not None and r.output_shape
+               and len(r.output_shape) == 3]
+    inside = [r for r in spatial if _inside(
+        r.receptive_field, r.output_shape[1] // 2, r.output_shape[2] // 2, height, width)]
+    picked = [inside[round(i * (len(inside) - 1) / 2)] for i in range(3)] if inside else []
+    picked += [r for r in inside if r.receptive_field.size[0] != r.receptive_field.size[1]][:2]
+    picked += [r for r in rows if r.name in extra]
+    picked.append(max(spatial, key=lambda r: math.prod(r.receptive_field.size)))
+    return list({r.name: r for r in picked}.values())
+
+
+class _Stop(Exception):
+    """Ends the forward pass once every checked layer has run."""
+
+
+def _check(model: nn.Module, height: int, width: int, extra: list[str] = ()) -> int:
+    """Compares the clipped field of the centre unit of several layers (and the corner
+    units of the deepest one) with the gradient support; returns how many of the centre
+    units' fields lay fully inside the image, where every edge of the box is tested."""
+    rows = list_layers(model, (3, height, width))
+    picked = _pick(rows, height, width, list(extra))
+    modules = dict(model.named_modules())
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keep(layer: str, output: torch.Tensor) -> torch.Tensor:
+        outputs[layer] = output
+        if len(outputs) == len(picked):
+            raise _Stop
+        return output.clone()  # later in-place ops (``out += identity``) hit the clone
+
+    handles = [modules[r.name].register_forward_hook(
+        lambda _m, _i, out, layer=r.name: keep(layer, out)) for r in picked]
+    x = torch.ones(1, 3, height, width, dtype=torch.float64, requires_grad=True)
+    try:
+        with _Linearised():
+            model(x)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    fitted = 0
+    for row in picked:
+        out, rf = outputs[row.name], row.receptive_field
+        units = [(out.shape[2] // 2, out.shape[3] // 2)]
+        if row is picked[-1]:
+            units += [(0, 0), (out.shape[2] - 1, out.shape[3] - 1)]
+        for r, c in units:
+            (grad,) = torch.autograd.grad(out[0, :, r, c].sum(), x, retain_graph=True)
+            _assert_box(rf, r, c, height, width, _support(grad), row.name)
+        fitted += _inside(rf, units[0][0], units[0][1], height, width)
+    return fitted
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CHECKED)
+def test_fields_equal_gradient_support(name):
+    size = _SIZES.get(_family(name), 64)
+    # Taller than wide where the architecture allows, so a swapped axis shows.
+    height, width = (size, size) if _family(name) in ("vit", "maxvit") else (size + 8, size)
+    fitted = _check(_positive(_build(name, size)), height, width, _EXTRA.get(name, []))
+    if _family(name) not in ("vit", "swin", "maxvit"):
+        assert fitted >= 2, f"{name}: too few layers with a field inside the image"
+
+
+def test_checked_builders_cover_every_architecture():
+    """Every torchvision architecture file (resnet.py also builds ResNeXt and Wide ResNet)
+    has a builder in the gradient check."""
+    def module(name: str) -> str:
+        return torchvision.models.get_model_builder(name).__module__
+
+    assert set(CHECKED) <= set(ALL_MODELS)
+    missing = {module(n) for n in ALL_MODELS} - {module(n) for n in CHECKED}
+    assert not missing
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_every_builder_has_a_square_final_field(name):
+    """Shapes only (meta device), so all 80 builders, the largest included: the deepest
+    spatial map has a field, square in size and stride (the classifiers are symmetric)."""
+    model = _build(name, device="meta")
+    rows = list_layers(model, (3, 224, 224))
+    spatial = [r for r in rows if r.output_shape and len(r.output_shape) == 3
+               and r.receptive_field is not None]
+    deepest = max(spatial, key=lambda r: math.prod(r.receptive_field.size)).receptive_field
+    assert deepest.size[0] == deepest.size[1] and deepest.stride[0] == deepest.stride[1]
+    assert deepest.start[0] == deepest.start[1]
+    if _family(name) not in ("vit", "swin", "maxvit"):
+        assert deepest.stride[0] in (16, 32) and deepest.size[0] > 100
+
+
+@pytest.mark.parametrize("name", ["vit_b_16", "swin_t", "maxvit_t"])
+def test_transformers_have_fields_only_before_attention(name):
+    model = _build(name, 224, device="meta")
+    rows = {r.name: r for r in list_layers(model, (3, 224, 224))}
+    embed = {"vit": "conv_proj", "swin": "features.0.0", "maxvit": "stem.1.0"}[_family(name)]
+    assert rows[embed].receptive_field is not None
+    after = _AFTER_ATTENTION[_family(name)]
+    if after is None:  # ViT: everything after the patch embedding is tokens (N, L, D)
+        assert [r.name for r in rows.values() if r.receptive_field is not None] == [embed]
+    else:
+        assert rows[after].output_shape is not None and rows[after].receptive_field is None
+
+
+def test_inception_v3_fields_are_square_and_match_a_hand_count():
+    """Mixed_6b joins 1x7/7x1 branches; its field is square. Hand count from Mixed_6a
+    (159 px, stride 16): the longest path per axis is branch7x7dbl, whose two 1x7 and two
+    7x1 convs add 2 * 6 taps per axis at stride 16: 159 + 12 * 16 = 351. Its branch7x7_2
+    (a 1x7 conv after a 1x1) is 6 * 16 px wider than tall."""
+    rows = {r.name: r for r in list_layers(_build("inception_v3", device="meta"),
+                                           (3, 299, 299))}
+    assert rows["Mixed_6a"].receptive_field.size == (159, 159)
+    assert rows["Mixed_6b"].receptive_field.size == (351, 351)
+    assert rows["Mixed_6b"].receptive_field.stride == (16, 16)
+    assert rows["Mixed_6b.branch7x7_2"].receptive_field.size == (159, 159 + 6 * 16)
+
+
+def test_published_alexnet_and_vgg16_pool5():
+    """Araujo, Norris & Sim, "Computing receptive fields of CNNs" (Distill 2019):
+    AlexNet pool5 195 px / stride 32, VGG16 pool5 212 px / stride 32."""
+    alex = {r.name: r for r in list_layers(_build("alexnet", device="meta"))}
+    assert alex["features.12"].receptive_field.size == (195, 195)
+    assert alex["features.12"].receptive_field.stride == (32, 32)
+    vgg = {r.name: r for r in list_layers(_build("vgg16", device="meta"), (1, 3, 224, 224))}
+    assert vgg["features.30"].receptive_field.size == (212, 212)
+    assert vgg["features.30"].receptive_field.stride == (32, 32)
+
+
+def _rf_net() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(1, 1, (3, 5), stride=(1, 2), padding=(1, 0)),
+                         nn.AvgPool2d(2))
+
+
+def test_boxes_on_non_square_images_clip_each_axis_to_its_own_size():
+    """A field that differs per axis, on images taller than wide and wider than tall:
+    box() and boxes() must clip rows to the height and columns to the width."""
+    rf = ReceptiveField(size=(5, 9), stride=(2, 4), start=(1.0, 3.0))
+    # rows: centre 1 + 2 * r, half-size 2; cols: centre 3 + 4 * c, half-size 4.
+    assert rf.box(0, 0, 40, 10) == (0, 0, 4, 8)
+    assert rf.box(10, 2, 40, 10) == (19, 7, 24, 10)
+    assert rf.box(19, 0, 40, 10) == (37, 0, 40, 8)
+    assert rf.box(2, 9, 6, 100) == (3, 35, 6, 44)
+    rows, cols = [[0, 10], [19, 2]], [[0, 2], [0, 9]]
+    for height, width in [(40, 10), (6, 100)]:
+        vectorised = rf.boxes(rows, cols, height, width)
+        for i in range(2):
+            for j in range(2):
+                assert tuple(vectorised[i][j]) == rf.box(rows[i][j], cols[i][j], height, width)
+
+
+def test_non_square_input_boxes_equal_gradient_support():
+    net = _rf_net().double()
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+    height, width = 12, 30
+    rf = list_layers(net, (1, height, width))[-1].receptive_field
+    assert rf.size == (4, 7) and rf.stride == (2, 4)
+    out = net(torch.zeros(1, 1, height, width, dtype=torch.float64))
+    for r in range(out.shape[2]):
+        for c in range(out.shape[3]):
+            x = torch.ones(1, 1, height, width, dtype=torch.float64, requires_grad=True)
+            (grad,) = torch.autograd.grad(net(x)[0, 0, r, c], x)
+            assert rf.box(r, c, height, width) == _support(grad), (r, c)
+
+
+class _Branches(nn.Module):
+    """Two branches with different paddings and kernels joined by cat and add: the
+    joined field is not centred on any kernel tap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 1, (1, 7), padding=(0, 1))
+        self.b = nn.Conv2d(1, 1, (5, 1), padding=(4, 0))
+        self.c = nn.Conv2d(2, 1, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a(x)  # output (H, W - 4): cols shifted right
+        b = self.b(x)[:, :, 2:-2, 2:-2]  # crop to (H, W - 4)
+        joined = torch.cat([a, b], dim=1) + F.pad(x, (-2, -2))
+        return self.c(F.pad(joined, (0, 1, 1, 0)))
+
+
+def test_asymmetric_union_is_exact():
+    net = _Branches().double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(0.5)
+    height, width = 13, 21
+    rows = {r.name: r for r in list_layers(net, (1, height, width))}
+    rf = rows["c"].receptive_field
+    out = net(torch.zeros(1, 1, height, width, dtype=torch.float64))
+    for r in range(out.shape[2]):
+        for c in range(out.shape[3]):
+            x = torch.ones(1, 1, height, width, dtype=torch.float64, requires_grad=True)
+            (grad,) = torch.autograd.grad(net(x)[0, 0, r, c], x)
+            assert rf.box(r, c, height, width) == _support(grad), (r, c)
+    # By hand: rows [0, 1) from a, [-2, 3) from the cropped b, [0, 1) from x; padding
+    # one row on top gives [-3, 2); the 3x3 stride-2 conv (pad 1) gives [-4, 3). Columns:
+    # [-1, 6) from a, [2, 3) from b and x; then [-2, 7). Position 0 is centred on the box.
+    assert (rf.size, rf.stride, rf.start) == ((7, 9), (2, 2), (-1.0, 2.0))
+
+
+def test_input_size_accepts_chw_and_nchw_and_names_the_problem(tiny_net):
+    three = list_layers(tiny_net, (3, 16, 12))
+    four = list_layers(tiny_net, (2, 3, 16, 12))
+    assert [r.output_shape for r in three] == [r.output_shape for r in four]
+    assert [r.receptive_field for r in three] == [r.receptive_field for r in four]
+    assert dict((r.name, r.output_shape) for r in four)["features.0"] == (4, 16, 12)
+    for bad in [(16, 16), (1, 1, 3, 16, 16), (3, 0, 16), ("3", "x", 16)]:
+        with pytest.raises(InputSizeError, match=r"\(C, H, W\) or \(N, C, H, W\)"):
+            list_layers(tiny_net, bad)
+    with pytest.raises(ConvscopeError, match="cannot run on a zero input of shape"):
+        list_layers(tiny_net, (1, 16, 16))  # one channel for a three-channel model
+    assert issubclass(InputSizeError, ValueError)
+
+
+def test_list_layers_leaves_the_model_untouched(resnet18):
+    before = {k: v.clone() for k, v in resnet18.state_dict().items()}
+    resnet18.layer1.train()
+    try:
+        list_layers(resnet18, (3, 64, 64))
+        assert resnet18.layer1.training and not resnet18.layer2.training
+        assert all(torch.equal(before[k], v) for k, v in resnet18.state_dict().items())
+        assert all(not m._forward_hooks for m in resnet18.modules())
+        assert not torch.overrides._get_current_function_mode_stack()
+    finally:
+        resnet18.layer1.eval()
+
+
+@pytest.mark.slow
+def test_tf_same_padding_of_lite0_matches_gradient_support(lite0):
+    """The bundled EfficientNet-Lite0 pads TF-"same" with a ZeroPad2d before F.conv2d
+    (right/bottom only at stride 2): its fields against the gradient support, on a copy."""
+    model = _positive(copy.deepcopy(lite0.module))
+    assert _check(model, 96, 80) >= 2
+    rows = {r.name: r for r in list_layers(lite0.module)}
+    assert rows["_conv_head"].receptive_field.stride == (32, 32)
+    assert rows["_conv_head"].receptive_field.size[0] == rows["_conv_head"].receptive_field.size[1]
