@@ -103,23 +103,23 @@ def test_swin_channels_last_stages_equal_timm():
 
 def test_convnext_blocks_inside_are_channels_last_and_stages_are_not():
     model = _timm("convnext_atto", conv_mlp=False)
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 64, 96)  # non-square: (2, 16, 24, 40) inside a block fits both ways
     with torch.no_grad():
         reference = model.forward_intermediates(x, indices=4, output_fmt="NCHW",
                                                 intermediates_only=True)
     block = "stages.0.blocks.0"
-    names = [f"stages.{i}" for i in range(4)] + [f"{block}.norm", f"{block}.mlp.act"]
-    outputs = _outputs(model, names, x)
+    inside = [f"{block}.norm", f"{block}.mlp.act", f"{block}.mlp", f"{block}.mlp.drop2"]
+    outputs = _outputs(model, [f"stages.{i}" for i in range(4)] + inside, x)
     for index in range(4):
         out = outputs[f"stages.{index}"]
-        maps = spatial_maps(out, model=model, input_hw=(64, 64), batch_size=2)
+        maps = spatial_maps(out, model=model, input_hw=(64, 96), batch_size=2)
         assert maps is out  # conv outputs: the same tensor, no copy
         assert torch.equal(maps, reference[index])
-    for name in (f"{block}.norm", f"{block}.mlp.act"):
-        out = outputs[name]  # (2, 16, 16, C) between the permutes of the block
+    for name in inside:
+        out = outputs[name]  # (2, 16, 24, C) between the permutes of the block
         layout = spatial_layout(out, model=model, module=model.get_submodule(name),
-                                input_hw=(64, 64), batch_size=2)
-        assert layout.kind == "nhwc" and layout.grid == (16, 16)
+                                input_hw=(64, 96), batch_size=2)
+        assert layout.kind == "nhwc" and layout.grid == (16, 24), name
         assert torch.equal(layout.apply(out), out.permute(0, 3, 1, 2))
 
 

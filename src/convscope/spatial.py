@@ -296,6 +296,18 @@ def _plausible_grid(h: int, w: int, hw: tuple[int, int] | None) -> bool:
     return low <= high
 
 
+def _exact_grid(h: int, w: int, hw: tuple[int, int] | None) -> bool:
+    """Whether ``(h, w)`` is exactly ``hw`` at an integer stride (floor or ceil, as padded
+    convolutions and patch embeddings give)."""
+    if hw is None:
+        return False
+    for stride in range(1, max(hw) + 1):
+        if (h in (hw[0] // stride, -(-hw[0] // stride))
+                and w in (hw[1] // stride, -(-hw[1] // stride))):
+            return True
+    return False
+
+
 def _layout_4d(dims: tuple[int, ...], hints: ModelHints, module: nn.Module | None,
                hw: tuple[int, int] | None, layout: Kind | None, where: str) -> SpatialLayout:
     _, a, b, c = dims
@@ -314,7 +326,12 @@ def _layout_4d(dims: tuple[int, ...], hints: ModelHints, module: nn.Module | Non
         elif as_nhwc and not as_nchw:
             chosen = ("nhwc", "spatial size fits the input (channels last)")
         elif as_nchw and as_nhwc:
-            if hints.channels_last:
+            exact_nchw, exact_nhwc = _exact_grid(b, c, hw), _exact_grid(a, b, hw)
+            if exact_nhwc and not exact_nchw:
+                chosen = ("nhwc", "spatial size is the input at an integer stride (channels last)")
+            elif exact_nchw and not exact_nhwc:
+                chosen = ("nchw", "spatial size is the input at an integer stride")
+            elif hints.channels_last:
                 chosen = ("nhwc", "the model declares channels-last outputs")
             elif not hints.channels_last_modules:
                 chosen = ("nchw", "the model has no channels-last modules")
