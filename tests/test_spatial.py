@@ -214,3 +214,37 @@ def test_a_vit_output_that_is_not_tokens_of_the_grid_is_refused():
     for name, out in pooled.items():
         with pytest.raises(NoSpatialMapError):
             spatial_layout(out, model=model, input_hw=(64, 64), batch_size=2, name=name)
+
+
+def test_grad_cam_through_the_layout_agrees_with_pytorch_grad_cam_on_a_vit_block():
+    """The reshape information cam() needs: Grad-CAM computed on layout.apply(tokens) and
+    layout.apply(grad) equals pytorch-grad-cam given the matching reshape_transform."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = _timm("vit_tiny_patch16_224", img_size=64, depth=2, reg_tokens=4)
+    x = torch.randn(2, 3, 64, 64)
+    layer = model.blocks[-1].norm1
+    layout = spatial_layout((2, 21, 192), model=model, input_hw=(64, 64), batch_size=2)
+    assert layout.prefix == 5
+
+    saved: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: saved.append(out))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    (grad,) = torch.autograd.grad(logits[:, 3].sum(), saved[0])
+    maps, grads = layout.apply(saved[0].detach()), layout.apply(grad)
+    ours = torch.relu((grads.mean((2, 3), keepdim=True) * maps).sum(1, keepdim=True))
+    ours = torch.nn.functional.interpolate(ours, size=(64, 64), mode="bilinear",
+                                           align_corners=False)[:, 0]
+
+    def reshape(t: torch.Tensor) -> torch.Tensor:
+        return t[:, 5:, :].reshape(t.size(0), 4, 4, t.size(2)).permute(0, 3, 1, 2)
+
+    with GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
+        theirs = torch.from_numpy(cam(x, targets=[ClassifierOutputTarget(3)] * 2))
+    for i in range(2):
+        pair = torch.stack([ours[i].flatten(), theirs[i].flatten()]).double()
+        assert float(torch.corrcoef(pair)[0, 1]) >= 0.999
