@@ -150,7 +150,7 @@ def _layer_options() -> dict[str, object]:
 # Commands whose -l is wired to cli.common.add_layer_args. A command that still has its
 # own -l (a single value, or nargs="+" that swallows a following positional) is listed in
 # NOT_YET_CONSISTENT; the strict xfail fails as soon as it is fixed, so the list shrinks.
-NOT_YET_CONSISTENT = {"activations", "filters", "cam", "atlas"}
+NOT_YET_CONSISTENT = {"cam", "atlas"}
 
 
 @pytest.mark.parametrize("command", sorted(
@@ -172,3 +172,20 @@ def test_positional_after_layers_is_not_swallowed():
                                       "sample:chelsea"])
     assert args.layers == ["_blocks.1*", "_conv_head"]
     assert args.image == "sample:chelsea"
+
+
+def test_filters_takes_a_glob_that_names_one_conv(tmp_path, capsys):
+    out = tmp_path / "f.png"
+    assert main(["filters", "--model", "resnet18", "-l", "conv?", "--out", str(out)]) == 0
+    side = 1 + 8 * (7 * (48 // 7) + 1)  # 64 filters of conv1 (7x7), scaled x6, 1 px gaps
+    assert Image.open(out).size == (side, side)
+    assert main(["filters", "--model", "resnet18", "-l", "layer1.0.conv*", "--out",
+                 str(out)]) == 2
+    assert "matched 2 layers (layer1.0.conv1, layer1.0.conv2)" in capsys.readouterr().err
+
+
+def test_activations_and_demo_quiet(tmp_path, capsys):
+    assert main(["activations", "sample:chelsea", "-l", "_conv_stem", "--quiet",
+                 "--out", str(tmp_path / "a.png")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.strip() == str(tmp_path / "a.png")

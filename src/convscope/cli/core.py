@@ -9,7 +9,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import add_grid_args, add_model_args, grid_kwargs, load_model_from_args
+from .common import (
+    add_grid_args,
+    add_layer_args,
+    add_model_args,
+    add_quiet_arg,
+    grid_kwargs,
+    load_model_from_args,
+    single_layer,
+)
 from .progress import Steps
 
 
@@ -21,18 +29,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("image", help="image path or sample:NAME (chelsea, coffee, rocket, astronaut)")
     add_model_args(p)
-    p.add_argument("--layer", "-l", action="append", required=True,
-                   help="dotted name (features.28), glob (features.*) or 'all'; repeatable")
+    add_layer_args(p, required=True, help="layer to draw ('all' for every layer)")
     p.add_argument("--call", type=int, default=-1,
                    help="which call of a module run several times per forward (default last)")
     p.add_argument("--out", "-o", required=True,
                    help="output folder (one LAYER.png each), or a .png file for one layer")
     add_grid_args(p)
+    add_quiet_arg(p)
     p.set_defaults(func=run_activations)
 
     p = subparsers.add_parser("filters", help="draw the convolution filters of a layer")
     add_model_args(p)
-    p.add_argument("--layer", "-l", required=True, help="conv layer name (features.0)")
+    add_layer_args(p, required=True, help="the conv layer to draw (one)")
     p.add_argument("--out", "-o", required=True, help="output .png")
     p.add_argument("--mode", choices=["auto", "rgb", "mean", "channels"], default="auto",
                    help="rgb patches (3 input channels), mean over inputs, or one per channel")
@@ -69,6 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--image", default="sample:chelsea", help="image (default sample:chelsea)")
     p.add_argument("--out", "-o", default="demo-out", help="output folder (demo-out)")
+    add_quiet_arg(p)
     p.set_defaults(func=run_demo)
 
 
@@ -87,12 +96,12 @@ def run_activations(args: argparse.Namespace) -> int:
     from convscope.layers import first_tensor, resolve_layers
     from convscope.render.grid import feature_grid
 
-    steps = Steps(4)
+    steps = Steps(4, quiet=args.quiet, title="activations")
     with steps.step("loading image"):
         image = load_image(args.image)
     with steps.step(f"loading model {args.model}"):
         model = load_model_from_args(args)
-        modules = resolve_layers(model.module, args.layer)
+        modules = resolve_layers(model.module, args.layers)
     out = Path(args.out)
     single_file = out.suffix.lower() == ".png"
     if single_file and len(modules) != 1:
@@ -136,11 +145,21 @@ def run_activations(args: argparse.Namespace) -> int:
 
 def run_filters(args: argparse.Namespace) -> int:
     """``convscope filters``."""
+    from convscope.errors import ConvscopeError
     from convscope.filters import conv_filters
+    from convscope.layers import resolve_layers
     from convscope.render.grid import filter_grid
 
     model = load_model_from_args(args)
-    weights = conv_filters(model.module, args.layer)
+    layer = single_layer(args.layers, "filters")
+    matched = list(resolve_layers(model.module, layer))
+    if len(matched) != 1:
+        error = ConvscopeError(f"-l {layer} matched {len(matched)} layers "
+                               f"({', '.join(matched[:5])}{', ...' if len(matched) > 5 else ''}"
+                               "); filters draws one")
+        error.exit_code = 2  # a bad argument
+        raise error
+    weights = conv_filters(model.module, matched[0])
     image = filter_grid(weights, mode=args.mode, max_filters=args.max_filters,
                         max_channels=args.max_channels, tile_size=args.tile_size)
     out = Path(args.out)
@@ -238,7 +257,7 @@ def run_demo(args: argparse.Namespace) -> int:
     """``convscope demo``: top-5 and the seed tutorial's figures with an index.html."""
     from convscope.demo import write_demo
 
-    steps = Steps(6)
+    steps = Steps(6, quiet=args.quiet, title="demo")
     with steps.step(f"loading model {args.model}"):
         model = load_model_from_args(args)
     result = write_demo(model, args.image, Path(args.out), steps=steps)
