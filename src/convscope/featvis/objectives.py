@@ -220,7 +220,7 @@ class Neuron(Objective):
     def __init__(self, layer: str, channel: int, y: int | None = None, x: int | None = None):
         self.layer, self.channel = str(layer), int(channel)
         self.y, self.x = y, x
-        where = "" if y is None and x is None else f"@{'c' if y is None else y},{'c' if x is None else x}"
+        where = f"@{'c' if y is None else y},{'c' if x is None else x}"  # c: the centre
         self.name = f"{self.layer}:{self.channel}{where}"
 
     def __call__(self, ctx: Context) -> torch.Tensor:
