@@ -328,3 +328,15 @@ def test_timm_preprocess_reads_crop_pct_and_squash():
     ours = timm_preprocess(model)
     assert (ours.resize, ours.crop, ours.interpolation) == (248, 224, "bicubic")  # 224 / 0.9
     assert timm_preprocess(model, img_size=64).crop == 64
+
+
+def test_timm_class_names_follow_the_head():
+    from timm.data import ImageNetInfo
+
+    assert load_model("timm:regnetx_002", device="cpu").class_names[281] == "tabby"
+    in12k = load_model("timm:convnext_atto", device="cpu",
+                       model_kwargs={"pretrained_cfg_overlay": {"num_classes": 11821},
+                                     "num_classes": 11821})
+    info = ImageNetInfo("imagenet-12k")
+    assert in12k.class_names[7000] == info.index_to_description(7000)
+    assert load_model("timm:regnetx_002", device="cpu", num_classes=7).class_names is None

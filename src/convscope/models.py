@@ -472,7 +472,7 @@ def _from_timm(name: str, weights: str | Path | None, num_classes: int | None,
         hint = (" without internet, put the weights in timm's Hugging Face cache or pass a "
                 "local .pth/.safetensors file as weights" if pretrained else "")
         raise ConvscopeError(f"could not build timm:{full} ({first});{hint}".rstrip(";")) from error
-    names = imagenet_classes() if _num_outputs(module) == 1000 else None
+    names = _timm_class_names(module)
     label = f"timm:{full}" + ("" if pretrained or is_file else " (random weights)")
     loaded = _wrap(module, timm_preprocess(module, kwargs.get("img_size")), names, label,
                    "timm", pretrained=pretrained or is_file)
@@ -482,6 +482,26 @@ def _from_timm(name: str, weights: str | Path | None, num_classes: int | None,
         loaded.name = f"timm:{arch} ({Path(str(weights)).name})"
         loaded.source = "timm"
     return loaded
+
+
+def _timm_class_names(module: nn.Module) -> list[str] | None:
+    """ImageNet-1k names as elsewhere in convscope; the 12k/22k label sets through timm's
+    ImageNetInfo when the head has that many classes; None otherwise."""
+    count = _num_outputs(module)
+    if count == 1000:
+        return imagenet_classes()
+    try:
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+
+        subset = infer_imagenet_subset(module)
+        if subset is None:
+            return None
+        info = ImageNetInfo(subset)
+        if info.num_classes() != count:
+            return None
+        return [info.index_to_description(i) for i in range(count)]
+    except (ImportError, OSError, ValueError):
+        return None
 
 
 def _timm_cached_file(name: str) -> Path:
