@@ -13,21 +13,44 @@ from torch import nn
 
 from timing import interleaved_medians
 
-TITLE = "Capturing activations (VGG16 and ResNet50, batch 8, 224x224)"
+TITLE = "Capturing activations (every conv layer; batch 1 and 8, 224x224)"
+
+# (label, model builder, batch size): the issue's batch-1 models and the batch-8 pair.
+CASES = (
+    ("EfficientNet-Lite0 (bundled)", "efficientnet_lite0", 1),
+    ("MobileNetV3-small", "mobilenet_v3_small", 1),
+    ("ResNet50", "resnet50", 1),
+    ("VGG16", "vgg16", 1),
+    ("ResNet50", "resnet50", 8),
+    ("VGG16", "vgg16", 8),
+)
 
 
 def _conv_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
 
 
-def _extractors(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:
-    """Plain forward, convscope (two copy modes) and torchvision's extractor on all convs."""
+def _build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "efficientnet_lite0":
+        from convscope import load_model
+
+        return load_model(name, device="cpu").module
+    return getattr(torchvision.models, name)().eval()
+
+
+def _methods(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """Plain forward, convscope's three ways, naive hooks and torchvision's extractor."""
     from torchvision.models.feature_extraction import create_feature_extractor
 
     from convscope import capture
 
     convs = _conv_names(model)
-    extractor = create_feature_extractor(model, return_nodes=convs)
+    modules = dict(model.named_modules())
+    try:
+        extractor = create_feature_extractor(model, return_nodes=convs)
+    except Exception:  # FX cannot trace it (or names differ): no extractor row
+        extractor = None
 
     def plain() -> None:
         with torch.no_grad():
@@ -38,62 +61,92 @@ def _extractors(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], obj
             model(x)
         assert len(acts) == len(convs)
 
-    def ours_eager() -> None:
+    def ours_inference() -> None:
+        with torch.inference_mode(), capture(model, nn.Conv2d):
+            model(x)
+
+    def ours_copy() -> None:
         with torch.no_grad(), capture(model, nn.Conv2d, copy=True):
             model(x)
+
+    def naive(clone: bool) -> Callable[[], None]:
+        def run() -> None:
+            kept: list[torch.Tensor] = []
+            handles = [modules[n].register_forward_hook(
+                lambda _m, _i, out: kept.append(out.detach().clone() if clone else out))
+                for n in convs]
+            try:
+                with torch.no_grad():
+                    model(x)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        return run
 
     def fx() -> None:
         with torch.no_grad():
             extractor(x)
 
-    return {"plain": plain, "ours": ours, "eager": ours_eager, "fx": fx}
+    methods = {"plain": plain, "ours": ours, "inference": ours_inference, "copy": ours_copy,
+               "naive_clone": naive(True), "naive_alias": naive(False), "fx": fx}
+    if extractor is None:
+        del methods["fx"]
+    return methods
 
 
-def _speed(rounds: int) -> list[tuple[str, float, str]]:
-    torch.manual_seed(0)
-    model = torchvision.models.vgg16().eval()
-    x = torch.randn(8, 3, 224, 224)
-    convs = _conv_names(model)
-    fns = _extractors(model, x)
-    from captum.attr import LayerActivation
+LABELS = {
+    "plain": "plain forward (`no_grad`)",
+    "ours": "**convscope.capture, default** (`copy=\"auto\"`, exact)",
+    "inference": "convscope.capture under `inference_mode` (copies at once, exact)",
+    "copy": "convscope.capture, `copy=True` (exact)",
+    "naive_clone": "plain hooks + `clone()` (exact)",
+    "naive_alias": "plain hooks keeping the output, no copy (wrong where an in-place op "
+                   "follows; the cost of holding the memory alone)",
+    "fx": "torchvision `create_feature_extractor` (post-ReLU values where ReLU is in place)",
+}
 
-    captum = LayerActivation(model, [model.features[int(n.split(".")[1])] for n in convs])
-    fns["captum"] = lambda: captum.attribute(x)
-    try:
-        import torchlens
 
-        def run_torchlens() -> None:
-            with torch.no_grad():
-                torchlens.trace(model, x)
+def _exactness(model: nn.Module, x: torch.Tensor) -> tuple[bool, int, int]:
+    """Default capture equals clone-at-hook-time for every conv; bytes held vs requested."""
+    from convscope import capture
 
-        fns["torchlens"] = run_torchlens
-    except ImportError:  # pragma: no cover - optional peer
-        pass
-    vgg = interleaved_medians(fns, rounds)
-    labels = {
-        "plain": "plain forward",
-        "ours": "convscope.capture (13 conv outputs, exact pre-ReLU values: each following "
-                "ReLU(inplace=True) sits in an nn.Sequential and runs out of place, so "
-                "nothing is copied)",
-        "eager": "convscope.capture, copy=True (copy every output at once)",
-        "fx": "torchvision create_feature_extractor (same nodes; post-ReLU values)",
-        "captum": "Captum LayerActivation (same layers)",
-        "torchlens": "TorchLens trace (records every op; no per-layer selection used)",
-    }
-    rows = [(f"VGG16: {labels[key]}", seconds, f"{seconds / vgg['plain']:.3f}x")
-            for key, seconds in vgg.items()]
-    resnet = torchvision.models.resnet50().eval()
-    timings = interleaved_medians(_extractors(resnet, x), rounds)
-    count = len(_conv_names(resnet))
-    resnet_labels = {
-        "plain": "plain forward",
-        "ours": f"convscope.capture ({count} conv outputs; a BatchNorm follows each, "
-                "nothing is copied)",
-        "eager": "convscope.capture, copy=True",
-        "fx": "torchvision create_feature_extractor (same nodes)",
-    }
-    rows += [(f"ResNet50: {resnet_labels[key]}", seconds,
-              f"{seconds / timings['plain']:.3f}x") for key, seconds in timings.items()]
+    modules = dict(model.named_modules())
+    truth: dict[str, torch.Tensor] = {}
+    handles = [modules[n].register_forward_hook(
+        lambda _m, _i, out, n=n: truth.__setitem__(n, out.detach().clone()))
+        for n in _conv_names(model)]
+    with torch.no_grad():
+        expected_out = model(x)
+    for handle in handles:
+        handle.remove()
+    with torch.no_grad(), capture(model, nn.Conv2d) as acts:
+        out = model(x)
+    exact = torch.equal(out, expected_out) and all(
+        torch.equal(acts[name], value) for name, value in truth.items())
+    requested = sum(value.element_size() * value.nelement() for value in truth.values())
+    return exact, acts.nbytes(), requested
+
+
+def _speed(rounds: int, quick: bool) -> list[str]:
+    rows = []
+    for label, name, batch in CASES:
+        if quick and batch > 1:
+            continue
+        model = _build(name)
+        torch.manual_seed(1)
+        x = torch.randn(batch, 3, 224, 224)
+        exact, held, requested = _exactness(model, x)
+        times = interleaved_medians(_methods(model, x), rounds if batch == 1 else max(3, rounds // 2))
+        count = len(_conv_names(model))
+        for key, seconds in times.items():
+            note = ""
+            if key == "ours":
+                note = (f" values exact: {'yes' if exact else 'NO'}; held "
+                        f"{held / 2**20:.1f} MiB = requested {requested / 2**20:.1f} MiB"
+                        + ("" if held == requested else " (DIFFERS)"))
+            rows.append(f"| {label} | {batch} | {count} | {LABELS[key]}{note} | "
+                        f"{seconds * 1000:.1f} | {seconds / times['plain']:.3f}x |")
+        del model
     return rows
 
 
@@ -146,16 +199,19 @@ def _memory() -> dict[str, dict[str, float]]:
 
 def run(quick: bool = False) -> str:
     """Markdown section: speed ratios and peak memory."""
-    rounds = 2 if quick else 7
-    rows = _speed(rounds)
+    rounds = 3 if quick else 9
+    rows = _speed(rounds, quick)
     lines = [
-        f"Median of {rounds} rounds after a warm-up; each round calls every method once in "
-        "turn (so load drift hits all alike); `torch.no_grad()`, random-init weights.",
+        f"Median of {rounds} rounds (batch 8: {max(3, rounds // 2)}) after a warm-up; each "
+        "round calls every method once in turn (so load drift hits all alike); random-init "
+        f"weights except the bundled model; {torch.get_num_threads()} torch threads. Goal: "
+        "the default at most 1.10x at batch 1 and 1.05x at batch 8 (VGG16, ResNet50), with "
+        "exact values.",
         "",
-        "| method | seconds | vs plain forward |",
-        "|---|---:|---:|",
+        "| model | batch | convs | method | ms | vs plain |",
+        "|---|---:|---:|---|---:|---:|",
+        *rows,
     ]
-    lines += [f"| {name} | {seconds:.3f} | {note} |" for name, seconds, note in rows]
     memory = _memory()
     plain = memory["plain"]["peak_mib"]
     lines += [

@@ -152,6 +152,22 @@ class Structured(nn.Module):
         return self.relu(y) + extra["neg"]
 
 
+class ConvTransformer(nn.Module):
+    """A conv stem feeding nn.TransformerEncoder, whose fused fast path (taken only when
+    no torch-function mode is active) differs from its slow path in the last bits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 4, stride=4)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.stem(x).flatten(2).transpose(1, 2)
+        return self.head(self.encoder(tokens).mean(1))
+
+
 def _lite0() -> nn.Module:
     from convscope.models import load_model
 
@@ -164,6 +180,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "unet_skip": (UNetSkip, (2, 3, 16, 16)),
     "inplace_zoo": (InplaceZoo, (2, 3, 12, 10)),
     "structured": (Structured, (1, 3, 9, 7)),
+    "conv_transformer": (ConvTransformer, (2, 3, 32, 32)),
     "alexnet": (torchvision.models.alexnet, (1, 3, 64, 64)),
     "vgg11_bn": (torchvision.models.vgg11_bn, (1, 3, 32, 32)),
     "resnet18": (torchvision.models.resnet18, (2, 3, 64, 48)),
@@ -184,7 +201,9 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "convnext_tiny": (torchvision.models.convnext_tiny, (1, 3, 64, 64)),
     "swin_t": (torchvision.models.swin_t, (1, 3, 64, 64)),
     "vit_b_16": (lambda: torchvision.models.vit_b_16(image_size=32), (1, 3, 32, 32)),
-    "maxvit_t": (lambda: torchvision.models.maxvit_t(input_size=(64, 64)), (1, 3, 64, 64)),
+    "maxvit": (lambda: torchvision.models.maxvit.MaxVit(  # maxvit_t's blocks, made small
+        input_size=(64, 64), stem_channels=16, partition_size=2, block_channels=[16, 32, 64, 64],
+        block_layers=[1, 2, 1, 1], head_dim=8, stochastic_depth_prob=0.0), (1, 3, 64, 64)),
     "efficientnet_lite0": (_lite0, (1, 3, 64, 64)),
 }
 
@@ -260,7 +279,7 @@ def _check_model(name: str, grad_modes: tuple[str, ...]) -> None:
         assert torch.equal(value, params[key]), f"{name}: {key} changed"
 
 
-FAST = ("unet_skip", "inplace_zoo", "structured", "resnet18", "mobilenet_v3_small",
+FAST = ("unet_skip", "inplace_zoo", "structured", "conv_transformer", "resnet18", "mobilenet_v3_small",
         "efficientnet_lite0", "alexnet")
 
 

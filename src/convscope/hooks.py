@@ -207,6 +207,7 @@ _FLAG = 2         # writes its first argument when ``inplace`` is true (``F.relu
 _SCHEMA = 3       # an ATen overload whose schema marks written arguments (``torch.ops.aten.relu_``)
 
 
+@functools.lru_cache(maxsize=4096)
 def _write_kind(func: Callable) -> tuple[int, Any]:
     """Classify ``func`` once: which of its arguments it may write in place."""
     name = getattr(func, "__name__", "")
@@ -291,7 +292,6 @@ class _CopyOnWrite(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.pending: dict[int, list[_Pending]] = {}  # storage address -> stored aliases
-        self.kinds: dict[Callable, tuple[int, Any]] = {}
 
     def watch(self, entry: _Pending) -> None:
         pointer = entry.alias.untyped_storage().data_ptr()
@@ -308,9 +308,10 @@ class _CopyOnWrite(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.pending:
-            kind = self.kinds.get(func)
-            if kind is None:
-                kind = self.kinds[func] = _write_kind(func)
+            try:
+                kind = _write_kind(func)
+            except TypeError:  # an unhashable callable: classify it every time
+                kind = _write_kind.__wrapped__(func)
             if kind[0] != _NEVER or "out" in kwargs:
                 for target in _written_tensors(kind[0], kind[1], args, kwargs):
                     self.protect(target)
@@ -349,6 +350,16 @@ def _commit_all(entries: list[_Pending]) -> None:
         copies[key] = entry.commit(copies.get(key))
 
 
+# Modules whose forward picks a fused fast path only when no torch-function mode is
+# active (``torch.overrides.has_torch_function``): under the write guard they would take
+# their slower, numerically different path, so capture copies at once for such models.
+_MODE_SENSITIVE = (nn.MultiheadAttention, nn.TransformerEncoder, nn.TransformerEncoderLayer)
+
+
+def _guard_changes_computation(model: nn.Module) -> bool:
+    return any(isinstance(module, _MODE_SENSITIVE) for module in model.modules())
+
+
 @contextmanager
 def capture(
     model: nn.Module,
@@ -372,7 +383,9 @@ def capture(
     - ``copy="auto"`` (default) keeps the module's own output and copies it only just
       before a torch op writes to it, or at exit when the caller still holds it. Inference
       tensors (``torch.inference_mode``) carry no version counter to prove an alias intact,
-      so they are copied at once.
+      so they are copied at once; so are all outputs of models with PyTorch's fused
+      attention fast paths (``nn.MultiheadAttention``, ``nn.TransformerEncoder[Layer]``),
+      which an active write guard would switch to their slower, numerically different path.
     - ``copy=True`` always copies at once.
     - ``copy=False`` never copies: reading an output that something rewrote in place
       raises :class:`CaptureIntegrityError` instead of showing the wrong values; under
@@ -387,15 +400,23 @@ def capture(
     modules = resolve_layers(model, layers)
     acts = Activations(modules)
     target = torch.device(to) if to is not None else None
-    guard = _CopyOnWrite() if copy == "auto" else None
+    guard = None
+    if copy == "auto" and not _guard_changes_computation(model):
+        guard = _CopyOnWrite()
+    eager = copy is True or (copy == "auto" and guard is None)
 
-    def hook(name: str, _module: nn.Module, _inputs: tuple, output: Any) -> None:
+    def hook(name: str, module: nn.Module, inputs: tuple, output: Any) -> None:
+        # The bookkeeping's own tensor calls need not pass through the write guard.
+        with torch._C.DisableTorchFunction():
+            store(name, output)
+
+    def store(name: str, output: Any) -> None:
         same_place = (
             isinstance(output, torch.Tensor)
             and (target is None or output.device == target)
             and (dtype is None or output.dtype == dtype or not output.is_floating_point())
         )
-        if not same_place or copy is True:
+        if not same_place or eager:
             acts._record(name, copy_output(output, to, dtype))
         elif output.is_inference():
             if copy is False:
