@@ -125,3 +125,31 @@ def test_deep_filters_mean_and_per_channel_modes():
     np.testing.assert_array_equal(channels[0, 2], lut[round((-1 / 6 + 0.5) * 255)])
     with pytest.raises(ValueError, match="3 input channels"):
         filter_grid(weights, mode="rgb")
+
+
+@pytest.mark.parametrize("sort", ["mean", "max"])
+def test_sort_ranks_by_the_whole_batch_not_the_first_sample(sort):
+    """Sample 0 alone would rank channel 0 first; averaged over the batch channel 2 wins.
+    Every sample's block shows the same, batch-wide order."""
+    act = torch.zeros(3, 4, 2, 3)  # non-square tiles
+    act[0, 0] = 3.0
+    act[1, 2] = 4.0
+    act[2, 2] = 4.0
+    act[:, 1] = 1.0
+    act[0, 3, 0, 0] = 0.5  # channel 3: weakest on average
+    batch_stat = act.flatten(2).mean(-1) if sort == "mean" else act.flatten(2).amax(-1)
+    expected = torch.argsort(batch_stat.mean(0), descending=True, stable=True)[:3]
+    assert expected.tolist() != torch.argsort(batch_stat[0], descending=True)[:3].tolist()
+    image = feature_grid(act, sort=sort, channels=3, cols=3, normalize="none", cmap="gray",
+                         pad=1)
+    array = np.asarray(image)[..., 0]
+    lut = colormap_lut("gray")[:, 0]
+    block = (1 + (2 + 1)) + max(2 * 1, 4)  # one block's rows (pad + tile + pad) and the gap
+    for sample in range(3):
+        top = sample * block
+        for col, channel in enumerate(expected.tolist()):
+            left = 1 + col * 4
+            tile = array[top + 1:top + 3, left:left + 3]
+            want = lut[np.floor(np.clip(act[sample, channel].numpy(), 0, 1) * 255 + 0.5)
+                       .astype(int)]
+            np.testing.assert_array_equal(tile, want, err_msg=f"sample {sample} col {col}")
