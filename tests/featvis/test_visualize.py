@@ -215,12 +215,28 @@ def test_class_names_resolve_and_unknown_ones_suggest(lite0):
 
 class _Tokens(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(2).transpose(1, 2)  # (N, L, C): no spatial reading yet
+        return x.flatten(2).transpose(1, 2)  # (N, C, H, W) -> (N, H*W, C) tokens
+
+
+class _Sequence(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2)[:, :, :7]  # (N, C, 7): seven positions, no 2-D grid
+
+
+def test_token_layers_are_read_as_their_patch_grid():
+    """A transformer-style (N, T, D) output is read through convscope.spatial as maps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 4, stride=4), _Tokens()).eval()
+    model.num_prefix_tokens = 0  # as timm models say; without it the grid is ambiguous
+    vis = visualize(model, ["1:2", "1:0@3,5"], steps=4, size=32, progress=False)
+    with torch.no_grad():
+        conv = model[0](vis.images)  # (N, 4, 8, 8): the same numbers as a grid
+    torch.testing.assert_close(vis.values, torch.stack([conv[0, 2].mean(), conv[1, 0, 3, 5]]))
 
 
 def test_layer_without_spatial_reading_is_refused_clearly():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), _Tokens()).eval()
-    with pytest.raises(NoSpatialReadingError, match=r"layer '1' outputs shape \(1, 900, 4\)"):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _Sequence()).eval()
+    with pytest.raises(NoSpatialReadingError, match=r"layer '1'.*\(1, 4, 7\).*spatial reading"):
         visualize(model, "1:0", steps=1, size=32, progress=False)
 
 

@@ -172,7 +172,7 @@ def channel_summary(
     device = model_device(module)
     modules = {name: dict(module.named_modules())[name]}
     with borrowed(module, what="channel summary"):
-        shapes, calls, _, _ = _probe(module, modules, size, normalizer, device)
+        shapes, calls, _, _, layouts = _probe(module, modules, size, normalizer, device)
     channels = shapes[name][0]
     if not 0 <= int(channel) < channels:
         raise ObjectiveError(f"channel {channel} is out of range for layer {name!r}, which has "
@@ -183,7 +183,8 @@ def channel_summary(
         (summary.dataset_stats, summary.examples, summary.crops,
          summary.top_classes) = _atlas_part(atlas, name, int(channel), by)
     if image is not None:
-        _image_part(summary, model, module, normalizer, image, modules, calls, device)
+        watch = _Watch(modules, calls, need_logits=False, layouts=layouts)
+        _image_part(summary, model, module, normalizer, image, watch, device)
     if isinstance(visualization, Visualization):
         summary.visualization = visualization
     elif visualization:
@@ -194,8 +195,7 @@ def channel_summary(
 
 
 def _image_part(summary: ChannelSummary, model: Any, module: nn.Module, normalizer: Any,
-                image: Any, modules: dict[str, nn.Module], calls: dict[str, int],
-                device: torch.device) -> None:
+                image: Any, watch: _Watch, device: torch.device) -> None:
     from ..models import LoadedModel
     from ..render.overlay import overlay
     from ..stats import as_floats, channel_stats
@@ -208,7 +208,7 @@ def _image_part(summary: ChannelSummary, model: Any, module: nn.Module, normaliz
         raise TypeError("with a plain nn.Module, pass the image as a preprocessed tensor")
     x = x[:1].to(device=device, dtype=torch.float32)
     with borrowed(module, what="channel summary"), torch.no_grad():
-        ctx = _run(module, x, _Watch(modules, calls, need_logits=False))
+        ctx = _run(module, x, watch)
     maps = ctx.layer(summary.layer)[0].detach().float().cpu()  # (C, h, w)
     act = maps[summary.channel]
     summary.activation = act

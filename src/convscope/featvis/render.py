@@ -29,6 +29,7 @@ from torch import nn
 from ..hooks import forward_hooks
 from ..layers import first_tensor, resolve_layers
 from ..methods.common import borrowed, model_device
+from ..spatial import SpatialLayout
 from .objectives import (
     Channel,
     ClassLogit,
@@ -60,45 +61,42 @@ ObjectiveSpec = str | Objective
 # Reading a layer as maps: the one place where a module output becomes (N, C, H, W).
 
 
-def read_maps(name: str, output: Any) -> torch.Tensor:
+def read_maps(name: str, output: Any, layout: SpatialLayout | None = None) -> torch.Tensor:
     """``(N, C, H, W)`` maps of a layer's output, with its graph kept.
 
-    Conv outputs pass as they are; an ``(N, C)`` output (a linear layer, the logits) is a
-    1x1 map. Anything else (token sequences, channels-last blocks) is refused with a clear
-    error until a spatial reading for it exists (``convscope.spatial``).
+    ``layout`` (decided once by :func:`decide_layout`) reads conv outputs as they are,
+    channels-last blocks permuted and token sequences as their patch grid; an ``(N, C)``
+    output (a linear layer, the logits) is a 1x1 map.
     """
     tensor = first_tensor(output)
     if tensor is None:
         raise NoSpatialReadingError(f"layer {name!r} returns no tensor, so it has no maps to read")
-    if tensor.ndim == 4:
-        return tensor
     if tensor.ndim == 2:
         return tensor[:, :, None, None]
-    spatial = _spatial_reader()
-    if spatial is not None:
-        return spatial(tensor, name)
-    raise NoSpatialReadingError(
-        f"layer {name!r} outputs shape {tuple(tensor.shape)}, which has no spatial reading as "
-        "(N, C, H, W) maps; pick a convolutional layer (convscope.list_layers shows shapes)"
-    )
+    if layout is None:
+        layout = decide_layout(name, output, None, None, None)
+    return layout.apply(tensor)
 
 
-def _spatial_reader() -> Callable[[torch.Tensor, str], torch.Tensor] | None:
-    """The token/channels-last reader of ``convscope.spatial`` when it is installed."""
+def decide_layout(name: str, output: Any, module: nn.Module | None, hints: Any,
+                  input_hw: tuple[int, int] | None) -> SpatialLayout | None:
+    """How ``name``'s output reads as maps (``convscope.spatial``); None for ``(N, C)``.
+    An output with no spatial reading raises :class:`NoSpatialReadingError`."""
+    from ..spatial import NoSpatialMapError, spatial_layout
+
+    tensor = first_tensor(output)
+    if tensor is None:
+        raise NoSpatialReadingError(f"layer {name!r} returns no tensor, so it has no maps to read")
+    if tensor.ndim == 2:
+        return None
     try:
-        from .. import spatial  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    reader = getattr(spatial, "as_maps", None)
-    if reader is None:
-        return None
-
-    def read(tensor: torch.Tensor, name: str) -> torch.Tensor:
-        try:
-            return reader(tensor)
-        except (TypeError, ValueError) as error:
-            raise NoSpatialReadingError(f"layer {name!r}: {error}") from None
-    return read
+        return spatial_layout(tensor.shape, model=hints, module=module, input_hw=input_hw,
+                              batch_size=int(tensor.shape[0]), name=f"layer {name!r}")
+    except NoSpatialMapError as error:
+        raise NoSpatialReadingError(
+            f"{error}; an objective needs a layer with a spatial reading (a conv output, a "
+            "channels-last block or transformer tokens; convscope.list_layers shows shapes)"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------
@@ -238,6 +236,7 @@ class _Watch:
     modules: dict[str, nn.Module]
     calls: dict[str, int]  # how often each module runs per forward; the last call is read
     need_logits: bool
+    layouts: dict[str, SpatialLayout | None] = field(default_factory=dict)
 
 
 def _run(module: nn.Module, x: torch.Tensor, watch: _Watch) -> Context:
@@ -251,7 +250,7 @@ def _run(module: nn.Module, x: torch.Tensor, watch: _Watch) -> Context:
         if seen[name] == watch.calls[name]:
             # clone(): an in-place op after this layer (ReLU(inplace=True)) must not rewrite
             # what the objective reads; clone keeps the graph, unlike detach.
-            maps[name] = read_maps(name, output).clone()
+            maps[name] = read_maps(name, output, watch.layouts.get(name)).clone()
             missing.discard(name)
             if not missing and not watch.need_logits:
                 raise _StopForward  # the rest of the network cannot change the objective
@@ -267,20 +266,26 @@ def _run(module: nn.Module, x: torch.Tensor, watch: _Watch) -> Context:
 
 
 def _probe(module: nn.Module, layers: dict[str, nn.Module], size: int,
-           normalize: _Normalizer, device: torch.device) -> tuple[dict, dict, int | None, int]:
-    """One no-grad forward of a grey image: each layer's map shape and calls per forward,
-    the class count, and the bytes of every leaf module's outputs for one image."""
+           normalize: _Normalizer, device: torch.device) -> tuple[dict, dict, int | None, int, dict]:
+    """One no-grad forward of a grey image: each layer's map shape, calls per forward and
+    spatial layout, the class count, and the bytes of every leaf module's outputs for one
+    image."""
+    from ..spatial import model_hints
+
+    hints = model_hints(module)
     shapes: dict[str, tuple[int, int, int]] = {}
+    layouts: dict[str, SpatialLayout | None] = {}
     calls: Counter[str] = Counter()
     nbytes = [0]
 
-    def hook(name: str, _module: nn.Module, _inputs: tuple, output: Any) -> None:
+    def hook(name: str, sub: nn.Module, _inputs: tuple, output: Any) -> None:
         tensor = first_tensor(output)
         if tensor is not None:
             nbytes[0] += tensor.numel() * tensor.element_size()
         if name in layers:
             calls[name] += 1
-            maps = read_maps(name, output)
+            layouts[name] = decide_layout(name, output, sub, hints, (size, size))
+            maps = read_maps(name, output, layouts[name])
             shapes[name] = tuple(int(s) for s in maps.shape[1:])  # type: ignore[assignment]
 
     leaves = {name: m for name, m in module.named_modules() if name and not list(m.children())}
@@ -290,7 +295,7 @@ def _probe(module: nn.Module, layers: dict[str, nn.Module], size: int,
         output = module(x)
     logits = first_tensor(output)
     num_classes = int(logits.shape[1]) if logits is not None and logits.ndim == 2 else None
-    return shapes, dict(calls), num_classes, nbytes[0]
+    return shapes, dict(calls), num_classes, nbytes[0], layouts
 
 
 def _resolve_one(module: nn.Module, selector: str) -> str:
@@ -409,14 +414,14 @@ def visualize(
     layer_modules = {n: m for n, m in module.named_modules() if n in needed}
 
     with borrowed(module, what="feature visualisation"):
-        shapes, calls, num_classes, one_image_bytes = _probe(
+        shapes, calls, num_classes, one_image_bytes, layouts = _probe(
             module, layer_modules, size, normalize, device)
         info = ModelInfo(shapes, num_classes, class_names, canonical)
         objs: list[Objective] = []
         for item, names in parsed:
             found = _expand(item, names, shapes) if isinstance(item, ParsedSpec) else [item]
             objs.extend(o.prepare(info) for o in found)
-        watch = _Watch(layer_modules, calls, any(o.needs_logits for o in objs))
+        watch = _Watch(layer_modules, calls, any(o.needs_logits for o in objs), layouts)
         if batch_size is None:
             per_image = max(1, 3 * one_image_bytes)
             batch_size = max(1, min(len(objs) * images_per_objective,
