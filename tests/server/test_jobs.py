@@ -171,6 +171,9 @@ def test_full_queue_429_cancel_and_cheap_views_stay_fast(jobs_app):
         holder.join()
     final = poll(client, job_id)
     assert final["status"] == "cancelled"
+    # Cancelled while it waited for the model: the library call never ran.
+    assert ("tiny", "sample:chelsea", "ablationcam", None, 1) not in state.cams
+    assert final["error"] == "cancelled before it started"
     assert client.get(f"/api/jobs/{'x' * 12}").status_code == 404
 
 

@@ -337,9 +337,12 @@ def create_app(settings: Settings | None = None) -> Any:
         state.forward(name, image)  # unknown model/image names fail here, not in the job
         params = {"model": name, "image": image, "method": method, "target": target,
                   "steps": steps}
-        job = state.jobs.submit(
+        made: dict[str, Any] = {}
+        job = made["job"] = state.jobs.submit(
             client, "sanity", ("sanity", name, image, method, target, steps), params,
-            lambda: sanity_view(state, name, image, method, target, steps))
+            lambda: sanity_view(state, name, image, method, target, steps,
+                                cancelled=lambda: made.get("job") is not None
+                                and made["job"].cancel_requested))
         return JSONResponse(job.as_dict(), status_code=202)
 
     @app.get("/api/jobs/{job_id}", summary="State of a job (poll until done)")

@@ -35,6 +35,10 @@ class QueueFullError(ConvscopeError):
         self.retry_after = retry_after
 
 
+class JobCancelledError(ConvscopeError):
+    """Raised inside a job's work when it notices it was cancelled."""
+
+
 class UnknownJobError(UnknownNameError):
     """A job id the server does not know (never made, or finished long ago)."""
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConvscopeError
+from .jobs import JobCancelledError
 from .state import ForwardResult, ServerState, UnknownChannelError
 
 #: Width in pixels the automatic tile size aims the feature grid at.
@@ -284,12 +286,14 @@ def is_expensive(method: str) -> bool:
 
 
 def cam_heatmap(state: ServerState, model: str, image: str, method: str, target: int | None,
-                layer: str | None, client: str = "", job: bool = False
-                ) -> tuple[ForwardResult, Any]:
+                layer: str | None, client: str = "", job: bool = False,
+                cancelled: Callable[[], bool] | None = None) -> tuple[ForwardResult, Any]:
     """The cached ``convscope.cam`` map of one class, computed here for cheap methods.
 
     An expensive method (Score-CAM, Ablation-CAM) that is not cached yet is queued as a
     job and :class:`JobRequiredError` raised (``job=True``: computed here, from the job).
+    ``cancelled`` is asked once the model is free, just before the library call: a job
+    cancelled while it waited for the model never runs (the call itself cannot stop).
     """
     try:
         from ..methods.cam import cam, method_name
@@ -310,9 +314,14 @@ def cam_heatmap(state: ServerState, model: str, image: str, method: str, target:
     if layer:
         entry.layer_info(layer)
 
+    def run_cam() -> Any:
+        if cancelled is not None and cancelled():
+            raise JobCancelledError("cancelled before it started")
+        return cam(loaded, result.x, layer=layer or None, target=target,
+                   method=method)[0].detach().cpu()
+
     def compute() -> Any:
-        return entry.run(lambda: cam(loaded, result.x, layer=layer or None, target=target,
-                                     method=method)[0].detach().cpu())
+        return entry.run(run_cam)
 
     key = (model, image, method, layer, target)
     found = state.cams.get(key)
@@ -322,17 +331,22 @@ def cam_heatmap(state: ServerState, model: str, image: str, method: str, target:
         params = {"model": model, "image": image, "method": method, "target": target,
                   "layer": layer or ""}
 
-        def work() -> None:
-            cam_heatmap(state, model, image, method, target, layer, job=True)
+        made: dict[str, Any] = {}
 
-        queued = state.jobs.submit(client, "cam", key, params, work)
+        def work() -> None:
+            cam_heatmap(state, model, image, method, target, layer, job=True,
+                        cancelled=lambda: made.get("job") is not None
+                        and made["job"].cancel_requested)
+
+        queued = made["job"] = state.jobs.submit(client, "cam", key, params, work)
         raise JobRequiredError(f"{method} runs as a job: poll /api/jobs/{queued.id}",
                                queued.as_dict())
     return result, state.cams.get_or_compute(key, compute)
 
 
 def sanity_view(state: ServerState, model: str, image: str, method: str,
-                target: int | None, steps: int) -> dict[str, Any]:
+                target: int | None, steps: int,
+                cancelled: Callable[[], bool] | None = None) -> dict[str, Any]:
     """``convscope.sanity_check`` of a method on one image, as JSON (run from a job)."""
     from ..methods.sanity import sanity_check
 
@@ -341,8 +355,12 @@ def sanity_view(state: ServerState, model: str, image: str, method: str,
     loaded = entry.get()
     if target is None:
         target = result.predictions[0].index
-    report = entry.run(lambda: sanity_check(loaded, result.x, method=method, target=target,
-                                            steps=steps))
+    def run() -> Any:
+        if cancelled is not None and cancelled():
+            raise JobCancelledError("cancelled before it started")
+        return sanity_check(loaded, result.x, method=method, target=target, steps=steps)
+
+    report = entry.run(run)
     return report.as_dict()
 
 
@@ -360,10 +378,13 @@ def atlas_view(state: ServerState, layer: str, channel: int) -> dict[str, Any]:
              "location": [int(loc[0]), int(loc[1])]}
             for i, v, loc in zip(index[channel], value[channel], location[channel],
                                  strict=True)]
-    stats = {name: _plain(values[channel]) for name, values in atlas.stats(layer).items()}
+    layer_stats = atlas.stats(layer)
+    stats = {name: _plain(values[channel]) for name, values in layer_stats.items()}
+    out_dead = ({"layer_dead_count": int(sum(bool(_plain(v)) for v in layer_stats["dead"]))}
+                if "dead" in layer_stats else {})
     return {
         "available": True, "model": atlas.meta.get("model"), "images": len(atlas.images),
-        "topk": rows, "stats": stats,
+        "topk": rows, "stats": stats, **out_dead,
         "top_classes": [[name, count] for name, count in atlas.top_classes(layer, channel)],
         "crops": atlas_crops_path(state, layer, channel) is not None,
     }

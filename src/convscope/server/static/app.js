@@ -5,11 +5,16 @@
 const $ = (id) => document.getElementById(id);
 const DEFAULTS = { model: "", image: "sample:chelsea", layer: "", channel: "", tab: "grid",
   normalize: "channel", cmap: "viridis", sort: "", count: "64", method: "gradcam",
-  target: "", alpha: "0.5", camlayer: "", layer2: "" };
+  target: "", alpha: "0.5", camlayer: "", layer2: "", q: "", all: "" };
+// CAM methods that run many forward passes: the server runs them as jobs (its
+// SCORE_METHODS); the page shows their progress and can cancel them.
+const JOB_METHODS = ["scorecam", "fasterscorecam", "ablationcam"];
 const state = Object.assign({}, DEFAULTS);
 let layers = [];        // rows of /api/layers
 let gridInfo = null;    // layout of the current feature grid (/api/grid)
 let predictions = [];
+let expanded = new Set(); // layer-tree nodes shown open
+let camJob = null;        // id of the CAM job the page is waiting for
 
 // ---------------------------------------------------------------- URL state
 function readHash() {
@@ -104,7 +109,9 @@ async function loadMethods() {
 }
 async function loadLayers() {
   layers = await getJSON("/api/layers?" + new URLSearchParams({ model: state.model }));
+  buildTree();
   renderLayerTable();
+  await showModelWarning();
   const second = $("layer2");
   second.innerHTML = "";
   for (const row of layers.filter((r) => r.spatial)) second.add(new Option(row.name, row.name));
@@ -118,27 +125,107 @@ async function loadLayers() {
   }
   second.value = state.layer2;
 }
+// ---------------------------------------------------------------- layer tree
+// Rows are grouped under their nearest listed ancestor module; pure containers (no
+// output of their own, e.g. a ModuleList) start open. Padding, identity and dropout
+// modules are hidden unless asked for. A search shows the matches with their ancestors.
+function buildTree() {
+  const names = new Set(layers.map((r) => r.name));
+  const kids = new Map(), allKids = new Map();
+  for (const row of layers) {
+    let parent = row.name;
+    row.treeParent = "";
+    while (parent.includes(".")) {
+      parent = parent.slice(0, parent.lastIndexOf("."));
+      if (names.has(parent)) { row.treeParent = parent; break; }
+    }
+    kids.set(row.treeParent, (kids.get(row.treeParent) || 0) + (row.hidden ? 0 : 1));
+    allKids.set(row.treeParent, (allKids.get(row.treeParent) || 0) + 1);
+  }
+  expanded = new Set();
+  for (const row of layers) {
+    row.shownKids = kids.get(row.name) || 0;
+    row.allKids = allKids.get(row.name) || 0;
+    if (!row.output_shape && row.shownKids) expanded.add(row.name);
+  }
+  revealLayer(state.layer);
+}
+function childCount(row) {
+  return state.all === "1" ? row.allKids : row.shownKids;
+}
+function ancestors(name) {
+  const out = [];
+  let row = layers.find((r) => r.name === name);
+  while (row && row.treeParent) {
+    out.push(row.treeParent);
+    row = layers.find((r) => r.name === row.treeParent);
+  }
+  return out;
+}
+function revealLayer(name) {
+  for (const parent of ancestors(name)) expanded.add(parent);
+}
+function visibleRows() {
+  const needle = state.q.trim().toLowerCase();
+  const shown = layers.filter((r) => state.all === "1" || !r.hidden);
+  if (needle) {
+    const keep = new Set();
+    for (const row of shown) {
+      if ((row.name + " " + row.type).toLowerCase().includes(needle)) {
+        keep.add(row.name);
+        for (const parent of ancestors(row.name)) keep.add(parent);
+      }
+    }
+    return shown.filter((r) => keep.has(r.name));
+  }
+  return shown.filter((r) => ancestors(r.name).every((a) => expanded.has(a)));
+}
 function renderLayerTable() {
   const body = $("layers").tBodies[0];
-  const needle = $("layer-filter").value.trim().toLowerCase();
   body.innerHTML = "";
-  for (const row of layers) {
-    if (!row.output_shape) continue;
-    if (needle && !(row.name + " " + row.type).toLowerCase().includes(needle)) continue;
+  const searching = state.q.trim() !== "";
+  for (const row of visibleRows()) {
     const tr = body.insertRow();
     tr.dataset.name = row.name;
     if (!row.spatial) tr.classList.add("nodraw");
+    if (row.hidden) tr.classList.add("minor");
     if (row.name === state.layer) tr.classList.add("selected");
     const rf = row.receptive_field ? row.receptive_field.size[0] : "";
-    for (const text of [row.name, row.type, row.output_shape.join("×"), rf]) {
-      tr.insertCell().textContent = text;
+    const shape = row.output_shape ? row.output_shape.join("×") : "";
+    const first = tr.insertCell();
+    first.style.paddingLeft = (0.3 + 1.0 * ancestors(row.name).length) + "em";
+    const toggle = document.createElement("span");
+    toggle.className = "toggle";
+    if (childCount(row) && !searching) {
+      toggle.textContent = expanded.has(row.name) ? "▾" : "▸";
+      toggle.dataset.toggle = row.name;
+      tr.setAttribute("aria-expanded", String(expanded.has(row.name)));
     }
-    tr.title = row.spatial ? (row.conv ? "conv layer: has filters" : "") : "no spatial map";
+    first.appendChild(toggle);
+    const short = row.treeParent ? row.name.slice(row.treeParent.length + 1) : row.name;
+    first.appendChild(document.createTextNode(short));
+    first.title = row.name;
+    for (const text of [row.type, shape, rf]) tr.insertCell().textContent = text;
+    tr.title = row.spatial ? (row.conv ? "conv layer: has filters" : row.name) : "no spatial map";
   }
+}
+function toggleNode(name, open) {
+  const want = open === undefined ? !expanded.has(name) : open;
+  if (want) expanded.add(name); else expanded.delete(name);
+  renderLayerTable();
+}
+async function showModelWarning() {
+  const models = await getJSON("/api/models");
+  const row = models.find((m) => m.name === state.model);
+  const box = $("warning");
+  box.hidden = !(row && row.pretrained === false);
+  box.textContent = box.hidden ? "" : `${row.name} has random weights (no pretrained weights ` +
+    "were loaded): its predictions, maps and filters show no learned features.";
 }
 
 async function updatePredictions() {
-  predictions = await getJSON("/api/predict?" + query({ k: 5 }));
+  // Naming the shown layer lets a new image's forward pass capture it first.
+  predictions = await getJSON("/api/predict?" + query({ k: 5, layer: state.layer }));
   const list = $("predictions");
   list.innerHTML = "";
   const target = $("cam-target");
@@ -171,14 +258,15 @@ async function updateGrid() {
   $("layer-stats").textContent =
     `${state.layer}: ${info.total_channels} channels of ${info.map_size.join("×")}; ` +
     `showing ${info.channels.length}; zero activations ${(100 * s.frac_zero).toFixed(1)}%; ` +
-    `dead channels ${s.dead_count}` + (s.dead_count ? ` (${s.dead_channels.slice(0, 12).join(", ")}` +
-    (s.dead_count > 12 ? ", …)" : ")") : "");
+    `inactive on this image: ${s.dead_count}` + (s.dead_count ?
+      ` (${s.dead_channels.slice(0, 12).join(", ")}` + (s.dead_count > 12 ? ", …)" : ")") : "") +
+    " (dead channels are a dataset question: see the atlas)";
   setImage($("grid-img"), "/api/grid.png?" + gridQuery(state.layer));
 }
 async function updateChannel() {
   const title = $("channel-title");
   const hasChannel = state.channel !== "" && state.layer !== "";
-  $("channel-img").hidden = !hasChannel;
+  $("channel-img").hidden = $("channel-over").hidden = !hasChannel;
   if (!hasChannel) {
     title.textContent = "Channel (click the grid)";
     $("channel-stats").innerHTML = "";
@@ -189,6 +277,8 @@ async function updateChannel() {
   title.textContent = `${state.layer} · channel ${state.channel}`;
   setImage($("channel-img"), "/api/channel.png?" +
     query({ layer: state.layer, channel: state.channel, cmap: state.cmap }));
+  setImage($("channel-over"), "/api/channel.png?" +
+    query({ layer: state.layer, channel: state.channel, cmap: "jet", over: "true" }));
   const table = $("channel-stats");
   table.innerHTML = "";
   const rows = [["mean", info.stats.mean], ["std", info.stats.std], ["min", info.stats.min],
@@ -199,7 +289,9 @@ async function updateChannel() {
     tr.insertCell().textContent = name;
     tr.insertCell().textContent = typeof value === "number" ? fmt(value) : value;
   }
-  if (info.dead) table.insertRow().insertCell().textContent = "dead: never positive here";
+  if (info.inactive) {
+    table.insertRow().insertCell().textContent = "inactive on this image (never positive here)";
+  }
   const filterImg = $("filter-img");
   $("filter-title").hidden = filterImg.hidden = !info.conv;
   if (info.conv) {
@@ -220,7 +312,9 @@ async function updateChannel() {
     } else {
       const a = info.atlas;
       p.textContent = `over ${a.images} images: mean ${fmt(a.stats.mean)}, max ${fmt(a.stats.max)}, ` +
-        `positive ${(100 * a.stats.frac_positive).toFixed(1)}%` + (a.stats.dead ? ", dead" : "") +
+        `positive ${(100 * a.stats.frac_positive).toFixed(1)}%` +
+        (a.stats.dead ? ", dead across the dataset" : ", alive across the dataset") +
+        (a.layer_dead_count !== undefined ? `; ${a.layer_dead_count} dead channels in this layer` : "") +
         (a.top_classes.length ? "; top-k classes: " +
           a.top_classes.map(([name, n]) => `${name} (${n})`).join(", ") : "");
       if (a.crops) {
@@ -254,10 +348,60 @@ function updateFilters() {
     img.hidden = true;
   }
 }
-function updateCam() {
+function camQuery() {
+  return query({ method: state.method, target: state.target, alpha: state.alpha,
+    layer: state.camlayer });
+}
+async function updateCam() {
   if (!state.method) return;
-  setImage($("cam-img"), "/api/cam.png?" + query({ method: state.method, target: state.target,
-    alpha: state.alpha, layer: state.camlayer }));
+  if (!JOB_METHODS.includes(state.method)) {
+    camJob = null;
+    $("cam-job").hidden = true;
+    setImage($("cam-img"), "/api/cam.png?" + camQuery());
+    return;
+  }
+  await runCamJob(camQuery());
+}
+// Expensive CAMs: start a job, show its state until done, then draw the (now cached) map.
+async function runCamJob(camParams) {
+  const box = $("cam-job"), text = $("cam-job-text");
+  const params = new URLSearchParams(camParams);
+  params.delete("alpha");
+  box.hidden = false;
+  text.textContent = `${state.method}: starting…`;
+  const response = await fetch("/api/jobs?" + params.toString(), { method: "POST" });
+  const body = await response.json().catch(() => ({}));
+  if (response.status === 429) {
+    const wait = Number(response.headers.get("Retry-After") || 5);
+    text.textContent = `busy: ${body.detail || "too many jobs"}; retrying in ${wait} s`;
+    setTimeout(() => { if (camQuery() === camParams) guarded(updateCam); }, wait * 1000);
+    return;
+  }
+  if (!response.ok) throw new Error(body.detail || response.statusText);
+  camJob = body.id;
+  let job = body;
+  while (camJob === body.id && job.id && !["done", "failed", "cancelled"].includes(job.status)) {
+    if (!job.cancel_requested) {
+      text.textContent = job.status === "queued"
+        ? `${state.method}: waiting (${job.position || 0} ahead)`
+        : `${state.method}: running ${job.running_s.toFixed(1)} s`;
+    }
+    await new Promise((resolve) => setTimeout(resolve, 400));
+    job = await getJSON("/api/jobs/" + encodeURIComponent(body.id));
+  }
+  if (job.id && camJob !== job.id) return;  // the view moved on
+  camJob = null;
+  if (job.status === "failed") throw new Error(job.error || "the job failed");
+  if (job.status === "cancelled") { text.textContent = `${state.method}: cancelled`; return; }
+  box.hidden = true;
+  setImage($("cam-img"), "/api/cam.png?" + camParams);
+}
+async function cancelCamJob() {
+  if (!camJob) return;
+  const id = camJob;
+  $("cam-job-text").textContent = `${state.method}: cancelling (a computation already ` +
+    "running finishes first)…";
+  await fetch("/api/jobs/" + encodeURIComponent(id), { method: "DELETE" });
 }
 function updateCompare() {
   $("cmp1-cap").textContent = state.layer;
@@ -271,6 +415,11 @@ function syncControls() {
   $("model").value = state.model;
   $("image").value = state.image;
   for (const id of ["normalize", "cmap", "sort", "count"]) $(id).value = state[id];
+  $("layer-filter").value = state.q;
+  $("show-hidden").checked = state.all === "1";
+  for (const label of document.querySelectorAll("#controls [data-tabs]")) {
+    label.hidden = !label.dataset.tabs.split(" ").includes(state.tab);
+  }
   $("cam-method").value = state.method;
   $("cam-alpha").value = state.alpha;
   $("cam-layer").value = state.camlayer;
@@ -278,6 +427,11 @@ function syncControls() {
   for (const button of document.querySelectorAll("#tabs button")) {
     button.setAttribute("aria-selected", String(button.dataset.tab === state.tab));
     $("panel-" + button.dataset.tab).hidden = button.dataset.tab !== state.tab;
+  }
+  const rows = Array.from($("layers").tBodies[0].rows);
+  if (state.layer && !rows.some((tr) => tr.dataset.name === state.layer) && !state.q) {
+    revealLayer(state.layer);
+    renderLayerTable();
   }
   for (const tr of $("layers").tBodies[0].rows) {
     tr.classList.toggle("selected", tr.dataset.name === state.layer);
@@ -314,6 +468,8 @@ function selectLayer(name) {
   const row = layers.find((r) => r.name === name);
   state.layer = name;
   state.channel = "";
+  revealLayer(name);
+  renderLayerTable();
   if (row && !row.spatial) showError(`${name} has no spatial map to draw`);
   render();
   const tr = $("layers").querySelector(`tr[data-name="${CSS.escape(name)}"]`);
@@ -321,6 +477,15 @@ function selectLayer(name) {
 }
 
 // ---------------------------------------------------------------- events
+function moveLayer(e) {
+  if (e.key !== "ArrowDown" && e.key !== "ArrowUp") return false;
+  e.preventDefault();
+  const rows = Array.from($("layers").tBodies[0].rows);
+  const at = rows.findIndex((tr) => tr.dataset.name === state.layer);
+  const next = rows[Math.max(0, Math.min(rows.length - 1, at + (e.key === "ArrowDown" ? 1 : -1)))];
+  if (next) selectLayer(next.dataset.name);
+  return true;
+}
 function channelAt(event) {
   const img = event.currentTarget;
   if (!gridInfo || !img.naturalWidth) return null;
@@ -372,23 +537,49 @@ function bind() {
   $("cam-alpha").onchange = (e) => { state.alpha = e.target.value; render(); };
   $("cam-layer").onchange = (e) => { state.camlayer = e.target.value.trim(); render(); };
   $("layer2").onchange = (e) => { state.layer2 = e.target.value; render(); };
-  $("layer-filter").oninput = renderLayerTable;
+  $("layer-filter").oninput = (e) => { state.q = e.target.value; writeHash(); renderLayerTable(); };
+  $("show-hidden").onchange = (e) => { state.all = e.target.checked ? "1" : ""; writeHash();
+    renderLayerTable(); };
+  $("cam-cancel").onclick = () => guarded(cancelCamJob);
   for (const button of document.querySelectorAll("#tabs button")) {
     button.onclick = () => { state.tab = button.dataset.tab; render(); };
   }
   const body = $("layers").tBodies[0];
   body.onclick = (e) => {
+    if (e.target.dataset.toggle) { toggleNode(e.target.dataset.toggle); body.focus(); return; }
     const tr = e.target.closest("tr");
     if (tr) { body.focus(); selectLayer(tr.dataset.name); }
   };
   body.onkeydown = (e) => {
-    if (e.key !== "ArrowDown" && e.key !== "ArrowUp") return;
-    e.preventDefault();
-    const rows = Array.from(body.rows);
-    const at = rows.findIndex((tr) => tr.dataset.name === state.layer);
-    const next = rows[Math.max(0, Math.min(rows.length - 1, at + (e.key === "ArrowDown" ? 1 : -1)))];
-    if (next) selectLayer(next.dataset.name);
+    const row = layers.find((r) => r.name === state.layer);
+    if ((e.key === "ArrowRight" || e.key === "ArrowLeft" || e.key === "Enter") && row) {
+      e.preventDefault();
+      e.stopPropagation();
+      if (e.key === "ArrowLeft" && !(childCount(row) && expanded.has(row.name)) && row.treeParent) {
+        selectLayer(row.treeParent);
+      } else if (childCount(row)) {
+        toggleNode(row.name, e.key === "Enter" ? undefined : e.key === "ArrowRight");
+      }
+      return;
+    }
+    if (moveLayer(e)) e.stopPropagation();
   };
+  // Anywhere else on the page (outside form fields): arrows move between layers (up/down)
+  // and between the shown channels (left/right).
+  document.addEventListener("keydown", (e) => {
+    if (e.target.closest && e.target.closest("input, select, textarea")) return;
+    if (e.altKey || e.ctrlKey || e.metaKey) return;
+    if (moveLayer(e)) return;
+    if ((e.key === "ArrowRight" || e.key === "ArrowLeft") && gridInfo && gridInfo.channels.length) {
+      e.preventDefault();
+      const order = gridInfo.channels.map(String);
+      const at = order.indexOf(state.channel);
+      const step = e.key === "ArrowRight" ? 1 : -1;
+      const next = at < 0 ? 0 : Math.max(0, Math.min(order.length - 1, at + step));
+      state.channel = order[next];
+      render();
+    }
+  });
   $("grid-img").onclick = (e) => {
     const channel = channelAt(e);
     if (channel !== null) { state.channel = String(channel); render(); }
