@@ -323,3 +323,29 @@ def test_copy_on_write_copies_only_what_is_written(vgg16, resnet18, monkeypatch)
     # bn1 is rewritten by the block's ReLU(inplace), bn2 by `out += identity`.
     assert sorted(commits) == ["layer1.0.bn1", "layer1.0.bn2"]
     torch.testing.assert_close(acts["layer1.0.bn1"], expected_bn1, rtol=0, atol=0)
+
+
+def test_maps_reads_conv_tokens_and_refuses_flat_outputs(resnet18):
+    """acts.maps(): conv outputs without a copy; a ViT block's tokens (register tokens,
+    non-square input) equal timm's own NCHW intermediates; a flat output is refused."""
+    timm = pytest.importorskip("timm")
+    from convscope.spatial import NoSpatialMapError
+
+    x = torch.randn(2, 3, 48, 32)
+    with torch.no_grad(), capture(resnet18, ["layer1", "fc"]) as acts:
+        resnet18(x)
+    assert acts.input_hw == (48, 32) and acts.batch_size == 2
+    maps = acts.maps("layer1")
+    assert maps.data_ptr() == acts["layer1"].data_ptr() and maps.shape == (2, 64, 12, 8)
+    with pytest.raises(NoSpatialMapError, match="fc"):
+        acts.maps("fc")
+
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=64, depth=2,
+                            reg_tokens=4, dynamic_img_size=True).eval()
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad(), capture(vit, "blocks.1") as acts:
+        vit(x)
+        expected = vit.forward_intermediates(x, indices=[1], output_fmt="NCHW",
+                                             intermediates_only=True)[0]
+    assert acts["blocks.1"].shape == (2, 1 + 4 + 12, 384)
+    torch.testing.assert_close(acts.maps("blocks.1"), expected, rtol=0, atol=0)

@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from .errors import ConvscopeError, close_matches
-from .layers import LayerSpec, resolve_layers
+from .layers import LayerSpec, first_tensor, resolve_layers
 
 ForwardHook = Callable[[str, nn.Module, tuple, Any], Any]
 
@@ -74,8 +74,14 @@ class Activations(Mapping[str, Any]):
     """Captured outputs by layer name: ``acts[name]`` is the last call's output and
     ``acts.calls(name)`` every call's, in order."""
 
-    def __init__(self, modules: Mapping[str, nn.Module]):
+    def __init__(self, modules: Mapping[str, nn.Module], model: nn.Module | None = None):
         self.modules: dict[str, nn.Module] = dict(modules)
+        self.model = model
+        #: ``(H, W)`` and batch size of the model's last 4-D input (set by ``capture``);
+        #: they resolve token grids and channels-last outputs in :meth:`maps`.
+        self.input_hw: tuple[int, int] | None = None
+        self.batch_size: int | None = None
+        self._hints: Any = None
         self._calls: dict[str, list[Any]] = {name: [] for name in self.modules}
         # Outputs kept without a copy, checked against their version counter when read.
         self._verify: list[_Verified] = []
@@ -117,6 +123,35 @@ class Activations(Mapping[str, Any]):
         if self._verify:
             self._check_versions(name)
         return values
+
+    def maps(
+        self,
+        name: str,
+        *,
+        call: int = -1,
+        prefix_tokens: int | None = None,
+        layout: Literal["nchw", "nhwc", "tokens"] | None = None,
+    ) -> torch.Tensor:
+        """The output of ``name`` as spatial maps ``(N, C, H, W)``, without a copy.
+
+        Conv outputs come back as they are, channels-last outputs ``(N, H, W, C)``
+        transposed, and transformer token sequences ``(N, T, D)`` with their prefix tokens
+        (class, distillation, register) removed and reshaped to the patch grid; see
+        :func:`convscope.spatial.spatial_layout`. ``call`` picks one call of a module run
+        several times. An output with no spatial reading raises
+        :class:`~convscope.spatial.NoSpatialMapError`; ``prefix_tokens`` and ``layout``
+        override what is inferred.
+        """
+        from .spatial import model_hints, spatial_maps
+
+        value = self.calls(name)[call]
+        if self._hints is None and self.model is not None:
+            self._hints = model_hints(self.model)
+        return spatial_maps(
+            value, model=self._hints, module=self.modules.get(name),
+            input_hw=self.input_hw, batch_size=self.batch_size,
+            prefix_tokens=prefix_tokens, layout=layout, name=name,
+        )
 
     def __iter__(self) -> Iterator[str]:
         return (name for name, values in self._calls.items() if values)
@@ -350,6 +385,15 @@ def _commit_all(entries: list[_Pending]) -> None:
         copies[key] = entry.commit(copies.get(key))
 
 
+@contextmanager
+def _pre_hook(module: nn.Module, hook: Callable[[nn.Module, tuple], None]) -> Iterator[None]:
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 # Modules whose forward picks a fused fast path only when no torch-function mode is
 # active (``torch.overrides.has_torch_function``): under the write guard they would take
 # their slower, numerically different path, so capture copies at once for such models.
@@ -398,7 +442,7 @@ def capture(
     if copy not in (True, False, "auto"):
         raise ValueError(f"copy must be True, False or 'auto'; got {copy!r}")
     modules = resolve_layers(model, layers)
-    acts = Activations(modules)
+    acts = Activations(modules, model)
     target = torch.device(to) if to is not None else None
     guard = None
     if copy == "auto" and not _guard_changes_computation(model):
@@ -433,7 +477,14 @@ def capture(
             else:
                 acts._verify.append(_Verified(name, calls[-1], calls[-1]._version))
 
-    with forward_hooks(modules, hook):
+    def note_input(_module: nn.Module, inputs: tuple) -> None:
+        with torch._C.DisableTorchFunction():
+            image = first_tensor(inputs)
+            if isinstance(image, torch.Tensor) and image.dim() == 4:
+                acts.input_hw = (int(image.shape[-2]), int(image.shape[-1]))
+                acts.batch_size = int(image.shape[0])
+
+    with forward_hooks(modules, hook), _pre_hook(model, note_input):
         if guard is None:
             yield acts  # copy=False: each read verifies the version counters
             return
