@@ -349,3 +349,20 @@ def test_maps_reads_conv_tokens_and_refuses_flat_outputs(resnet18):
                                              intermediates_only=True)[0]
     assert acts["blocks.1"].shape == (2, 1 + 4 + 12, 384)
     torch.testing.assert_close(acts.maps("blocks.1"), expected, rtol=0, atol=0)
+
+
+def test_notebook_html_shows_each_layer_grid_or_shape(tiny_net):
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    with torch.no_grad(), capture(tiny_net, ["features.0", "fc"]) as acts:
+        tiny_net(torch.randn(1, 3, 8, 8))
+    page = acts._repr_html_()
+    assert "<code>features.0</code>" in page and "(1, 4, 8, 8)" in page
+    assert "<code>fc</code>" in page and "no spatial map" in page
+    (data,) = re.findall(r'base64,([^"]+)"', page)
+    image = Image.open(io.BytesIO(base64.b64decode(data)))
+    assert image.size == (1 + 2 * 33, 1 + 2 * 33)  # 4 channels as 2x2 tiles of 32 px

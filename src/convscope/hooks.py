@@ -193,6 +193,39 @@ class Activations(Mapping[str, Any]):
             values.clear()
         self._verify.clear()
 
+    def _repr_html_(self, max_layers: int = 12, channels: int = 16) -> str:
+        """Notebook view: per layer its shape and a compact grid of the first sample's
+        first channels (layers without a spatial reading show their shape only)."""
+        import base64
+        import html
+        import io
+
+        from .render.grid import feature_grid
+        from .spatial import NoSpatialMapError
+
+        rows = []
+        names = list(self)
+        for name in names[:max_layers]:
+            value = self[name]
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            cell = ""
+            try:
+                maps = self.maps(name)
+                image = feature_grid(maps[:1].float(), channels=min(channels, maps.shape[1]),
+                                     tile_size=32, pad=1)
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                data = base64.b64encode(buffer.getvalue()).decode("ascii")
+                cell = f'<img src="data:image/png;base64,{data}" alt="{html.escape(name)}">'
+            except (NoSpatialMapError, ValueError, TypeError):
+                cell = "<em>no spatial map</em>"
+            rows.append(f"<tr><td><code>{html.escape(name)}</code></td>"
+                        f"<td>{html.escape(str(shape))}</td><td>{cell}</td></tr>")
+        more = len(names) - max_layers
+        tail = f"<tr><td colspan=3>… {more} more layers</td></tr>" if more > 0 else ""
+        return ("<table><thead><tr><th>layer</th><th>output</th><th>first channels, "
+                "sample 0</th></tr></thead><tbody>" + "".join(rows) + tail + "</tbody></table>")
+
     def __repr__(self) -> str:
         parts = []
         for name in self:
