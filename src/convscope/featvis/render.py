@@ -476,8 +476,12 @@ def _optimise(module: nn.Module, objs: list[Objective], indices: list[int], per:
         values = evaluate(_run(module, x, watch))
         _check_finite(values, objs, per, step)
         (-values.sum()).backward()
-        _check_finite(torch.stack([p.grad.flatten(1).sum(1) for p in image_param.params]).sum(0),
-                      objs, per, step, what="gradient")
+        grads = [p.grad.flatten(1).sum(1) for p in image_param.params if p.grad is not None]
+        if not grads:
+            raise OptimizationError(
+                f"objectives {', '.join(repr(o.name) for o in objs)} do not depend on the image "
+                "(no gradient reaches it); pick a layer the input flows through")
+        _check_finite(torch.stack(grads).sum(0), objs, per, step, what="gradient")
         optimizer.step()
         history[step] = values.detach().float().cpu()
         if callback is not None:
