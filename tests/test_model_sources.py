@@ -325,9 +325,9 @@ def test_models_command_lists_sources_and_timm_names(capsys):
 
 def test_timm_preprocess_reads_crop_pct_and_squash():
     model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=1)
-    ours = timm_preprocess(model)
+    ours = timm_preprocess(model, img_size=224)
     assert (ours.resize, ours.crop, ours.interpolation) == (248, 224, "bicubic")  # 224 / 0.9
-    assert timm_preprocess(model, img_size=64).crop == 64
+    assert timm_preprocess(model).crop == 64  # the size the model was built for
 
 
 def test_timm_class_names_follow_the_head():
@@ -340,3 +340,16 @@ def test_timm_class_names_follow_the_head():
     info = ImageNetInfo("imagenet-12k")
     assert in12k.class_names[7000] == info.index_to_description(7000)
     assert load_model("timm:regnetx_002", device="cpu", num_classes=7).class_names is None
+
+
+def test_a_hugging_face_module_passed_as_is_predicts_with_its_labels(tmp_path):
+    reference = _hf_vit(tmp_path / "vit")
+    loaded = load_model(reference, device="cpu")
+    assert loaded.class_names == ["cat", "dog", "fox"] and loaded.transform.crop == 64
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        best = int(reference(x).logits.argmax())
+    assert loaded.predict(x, k=1)[0][0].label == ["cat", "dog", "fox"][best]
+    timm_vit = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=1)
+    transform = load_model(timm_vit, device="cpu").transform
+    assert (transform.interpolation, transform.crop) == ("bicubic", 64)

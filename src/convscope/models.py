@@ -269,7 +269,7 @@ def load_model(
     target = resolve_device(device)
     kwargs = dict(model_kwargs or {})
     if isinstance(spec, nn.Module):
-        loaded = _wrap(spec, Preprocess(), None, type(spec).__name__, "module")
+        loaded = _from_module(spec)
     else:
         spec = str(spec)
         lowered = spec.lower()
@@ -305,6 +305,24 @@ def load_model(
     loaded.module.eval().to(target)
     loaded.device = target
     return loaded
+
+
+def _from_module(module: nn.Module) -> LoadedModel:
+    """A user's module; a Hugging Face model's ``id2label`` and a timm model's
+    ``pretrained_cfg`` preprocessing are used when the module carries them."""
+    transform, names = Preprocess(), None
+    config = getattr(module, "config", None)
+    id2label = getattr(config, "id2label", None) if config is not None else None
+    if isinstance(id2label, Mapping) and id2label:
+        names = [str(id2label[k]) for k in sorted(id2label, key=int)]
+        transform = hf_preprocess({}, getattr(config, "image_size", None))
+    elif isinstance(getattr(module, "pretrained_cfg", None), Mapping):
+        with contextlib.suppress(ImportError, KeyError, TypeError, ValueError):
+            transform = timm_preprocess(module)
+            names = _timm_class_names(module)
+    if names is not None and len(names) != (_num_outputs(module) or len(names)):
+        names = None
+    return _wrap(module, transform, names, type(module).__name__, "module")
 
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -540,6 +558,9 @@ def timm_preprocess(module: nn.Module, img_size: Any = None) -> Preprocess:
 
     config = resolve_model_data_config(module)
     size = int(config["input_size"][-1])
+    embed = getattr(module, "patch_embed", None)
+    if img_size is None and getattr(embed, "img_size", None) is not None:
+        img_size = embed.img_size  # a fixed-size ViT built for another size than its cfg
     if img_size is not None:  # a model built for another input size than its pretrained_cfg
         size = int(img_size if isinstance(img_size, int) else img_size[-1])
     crop_pct = float(config.get("crop_pct") or 1.0)
