@@ -254,6 +254,17 @@ def test_nan_stops_and_names_the_objective():
         visualize(model, ["1:1"], steps=3, size=16, progress=False)
 
 
+class _Constant(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ones(x.shape[0], 2, 4, 4)
+
+
+def test_objective_that_ignores_the_image_is_refused():
+    model = nn.Sequential(nn.Conv2d(3, 2, 1), _Constant()).eval()
+    with pytest.raises(OptimizationError, match=r"'1:1' do not depend on the image"):
+        visualize(model, "1:1", steps=2, size=16, progress=False)
+
+
 def test_save_writes_grid_pngs_values_and_index(tmp_path):
     vis = _vis(_net(), ["0:0", "class:1"], steps=2)
     folder = vis.save(tmp_path / "out")

@@ -475,7 +475,8 @@ def _optimise(module: nn.Module, objs: list[Objective], indices: list[int], per:
         x = normalize(view(image_param(), generators, size))
         values = evaluate(_run(module, x, watch))
         _check_finite(values, objs, per, step)
-        (-values.sum()).backward()
+        if values.requires_grad:
+            (-values.sum()).backward()
         grads = [p.grad.flatten(1).sum(1) for p in image_param.params if p.grad is not None]
         if not grads:
             raise OptimizationError(
