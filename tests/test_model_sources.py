@@ -283,6 +283,10 @@ def test_logits_of_every_output_kind():
     assert logits_of(ImageClassifierOutput(logits=logits)) is logits
     assert logits_of({"aux": torch.zeros(1), "logits": logits}) is logits
     assert logits_of((logits, torch.zeros(1))) is logits
+    assert logits_of({"out": logits, "aux": torch.zeros(1)}) is logits  # segmentation style
+    assert logits_of({"scores": logits, "name": "x"}) is logits
+    with pytest.raises(ConvscopeError, match="ambiguous"):
+        logits_of({"a": logits, "b": logits})
     with pytest.raises(ConvscopeError, match="no logits"):
         logits_of("text")
     torch.manual_seed(0)

@@ -151,25 +151,35 @@ class LoadedModel:
 
 
 def logits_of(output: Any) -> torch.Tensor:
-    """The logits tensor of a model output: a tensor, a Hugging Face ``ModelOutput`` or a
-    dict (its ``logits``), or a tuple/list (its first tensor, as torchvision's GoogLeNet and
-    Inception return in training mode). Raises :class:`ConvscopeError` when there is none."""
+    """The logits tensor of a model output.
+
+    A tensor as it is; a Hugging Face ``ModelOutput`` (or anything with a ``logits``
+    tensor) its ``logits``; a dict its ``"logits"``/``"out"``/``"output"`` entry or its only
+    tensor; a tuple/list its first tensor (torchvision's GoogLeNet and Inception in training
+    mode). The same rule as ``methods.targets.select_output`` without ``output=``. Raises
+    :class:`ConvscopeError` when there is no such tensor or a dict leaves it ambiguous.
+    """
     if isinstance(output, torch.Tensor):
         return output
     logits = getattr(output, "logits", None)
     if isinstance(logits, torch.Tensor):
         return logits
     if isinstance(output, Mapping):
-        if isinstance(output.get("logits"), torch.Tensor):
-            return output["logits"]
-        values = list(output.values())
+        for key in ("logits", "out", "output"):
+            if isinstance(output.get(key), torch.Tensor):
+                return output[key]
+        tensors = [v for v in output.values() if isinstance(v, torch.Tensor)]
+        if len(tensors) == 1:
+            return tensors[0]
+        if tensors:
+            raise ConvscopeError(
+                f"the model returned a dict with keys {', '.join(map(str, output))}; none is "
+                "'logits', 'out' or 'output', so the logits are ambiguous"
+            )
     elif isinstance(output, (tuple, list)):
-        values = list(output)
-    else:
-        values = []
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            return value
+        for value in output:
+            if isinstance(value, torch.Tensor):
+                return value
     raise ConvscopeError(
         f"the model returned {type(output).__name__}, which holds no logits tensor"
     )
