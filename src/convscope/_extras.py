@@ -24,6 +24,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "timm": ("timm", "timm"),
     "transformers": ("hf", "transformers"),
     "safetensors": ("hf", "safetensors"),
+    "huggingface_hub": ("hf", "huggingface-hub"),
     "onnx": ("onnx", "onnx"),
     "onnx2torch": ("onnx", "onnx2torch"),
     "onnxruntime": ("onnx", "onnxruntime"),
