@@ -85,6 +85,7 @@ def test_fine_tuned_head_is_rebuilt_and_class_names_read(tmp_path):
         torch.testing.assert_close(loaded.module(x), model.eval()(x))
 
 
+@pytest.mark.slow
 def test_checkpoint_that_does_not_fit_lists_keys(tmp_path):
     path = tmp_path / "vgg.pth"
     torch.manual_seed(0)

@@ -216,6 +216,7 @@ def test_a_vit_output_that_is_not_tokens_of_the_grid_is_refused():
             spatial_layout(out, model=model, input_hw=(64, 64), batch_size=2, name=name)
 
 
+@pytest.mark.slow
 def test_grad_cam_through_the_layout_agrees_with_pytorch_grad_cam_on_a_vit_block():
     """The reshape information cam() needs: Grad-CAM computed on layout.apply(tokens) and
     layout.apply(grad) equals pytorch-grad-cam given the matching reshape_transform."""
