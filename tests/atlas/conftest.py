@@ -2,7 +2,8 @@
 
 The dataset is ImageFolder-style: ``photos/`` holds crops and flips of the scikit-image
 photos, ``patterns/`` synthetic images (checkerboard, gradient, stripes, a bright square,
-a flat grey), one exact duplicate (to force ties) and bad files (truncated PNG, text named
+a flat grey), one exact duplicate of the bright square (a top example of many
+channels, so ties really happen) and bad files (truncated PNG, text named
 .jpg, a README without an image extension).
 """
 
@@ -68,7 +69,7 @@ def make_dataset(root: Path) -> Path:
         pil.save(photos / f"p{i:02d}.png")
     for i, image in enumerate(_patterns()):
         Image.fromarray(image).save(patterns / f"s{i:02d}.png")
-    (patterns / "s99_duplicate.png").write_bytes((photos / "p03.png").read_bytes())
+    (patterns / "s99_duplicate.png").write_bytes((patterns / "s03.png").read_bytes())
     good = (photos / "p00.png").read_bytes()
     (patterns / "broken.png").write_bytes(good[: len(good) // 3])
     (patterns / "fake.jpg").write_text("this is not a JPEG")
