@@ -405,6 +405,34 @@ def test_asymmetric_union_is_exact():
     assert (rf.size, rf.stride, rf.start) == ((7, 9), (2, 2), (-1.0, 2.0))
 
 
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
+def test_functional_same_padding_and_reflect_padding_equal_gradient_support():
+    """timm's Conv2dSame and AvgPool2dSame pad inside ``forward`` (F.pad, then F.conv2d or
+    F.avg_pool2d), PyTorch's padding="same" pads an even kernel more after than before,
+    and padding_mode="reflect" pads with F.pad: every unit of a non-square map."""
+    from timm.layers import Conv2dSame
+    from timm.layers.pool2d_same import AvgPool2dSame
+
+    net = nn.Sequential(
+        Conv2dSame(1, 2, 3, stride=2), AvgPool2dSame(3, stride=2),
+        Conv2dSame(2, 2, (2, 5), stride=(1, 2), dilation=(2, 1)),
+        nn.Conv2d(2, 2, 4, padding="same"),
+        nn.Conv2d(2, 1, 3, padding=1, padding_mode="reflect"),
+    ).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(0.25)
+    height, width = 45, 71
+    rf = list_layers(net, (1, height, width))[-1].receptive_field
+    assert rf.stride == (4, 8)
+    out = net(torch.zeros(1, 1, height, width, dtype=torch.float64))
+    for r in range(out.shape[2]):
+        for c in range(out.shape[3]):
+            x = torch.ones(1, 1, height, width, dtype=torch.float64, requires_grad=True)
+            (grad,) = torch.autograd.grad(net(x)[0, 0, r, c], x)
+            _assert_box(rf, [(r, c)], height, width, _support(grad), "timm")
+
+
 def test_input_size_accepts_chw_and_nchw_and_names_the_problem(tiny_net):
     three = list_layers(tiny_net, (3, 16, 12))
     four = list_layers(tiny_net, (2, 3, 16, 12))
@@ -427,7 +455,7 @@ def test_list_layers_leaves_the_model_untouched(resnet18):
         assert resnet18.layer1.training and not resnet18.layer2.training
         assert all(torch.equal(before[k], v) for k, v in resnet18.state_dict().items())
         assert all(not m._forward_hooks for m in resnet18.modules())
-        assert not torch.overrides._get_current_function_mode_stack()
+        assert all(p.requires_grad and p.grad is None for p in resnet18.parameters())
     finally:
         resnet18.layer1.eval()
 
