@@ -688,6 +688,10 @@ class UnsupportedOnnxError(ConvscopeError, ValueError):
     """An ONNX file with an operator that onnx2torch cannot convert."""
 
 
+_ONNX_HINT = ("re-export with torch.onnx.export(..., dynamo=False, opset_version=17), "
+              "whose operators onnx2torch converts")
+
+
 def _from_onnx(path: Path) -> LoadedModel:
     """An ``.onnx`` file as an ``nn.Module`` (onnx2torch), with readable module names."""
     if not path.exists():
@@ -706,7 +710,8 @@ def _from_onnx(path: Path) -> LoadedModel:
     try:
         converted = convert(proto)
     except NotImplementedError as error:
-        raise UnsupportedOnnxError(f"{path.name}: onnx2torch cannot convert it ({error})") from error
+        raise UnsupportedOnnxError(
+            f"{path.name}: onnx2torch cannot convert it ({error}); {_ONNX_HINT}") from error
     module = _rename_onnx_modules(converted, readable)
     inputs = [i for i in proto.graph.input
               if i.name not in {init.name for init in proto.graph.initializer}]
@@ -736,7 +741,7 @@ def _check_onnx_ops(proto: Any, path: Path) -> None:
     if missing:
         raise UnsupportedOnnxError(
             f"{path.name} uses ONNX op {', '.join(missing)}, which onnx2torch cannot convert; "
-            "re-export with another opset_version (e.g. 17) or without that operation"
+            f"{_ONNX_HINT}"
         )
 
 
