@@ -220,11 +220,11 @@ def list_layers(
     forward pass never reached have ``output_shape=None``. With ``input_size=None`` and no
     ``example_input``, only names, types and parameter counts are reported.
 
-    Receptive fields follow the actual data flow of that pass (see :func:`_FieldTracker`):
-    every conv, pooling and padding call (modules or ``torch.nn.functional``, so TF-"same"
-    padding inside ``forward`` counts) widens the field, and tensors joined by ``torch.cat``,
-    additions or products get the union of their inputs' fields, so parallel branches
-    (Inception's 1x7 and 7x1 paths, ResNet shortcuts) are exact. A field is ``None`` where no
+    Receptive fields follow the actual data flow of that pass, op by op: every conv,
+    pooling and padding call (modules or ``torch.nn.functional``, so TF-"same" padding
+    inside ``forward`` counts) widens or shifts the field, and tensors joined by
+    ``torch.cat``, additions or products get the union of their inputs' fields, so
+    parallel branches (Inception's 1x7 and 7x1 paths, ResNet shortcuts) are exact. A field is ``None`` where no
     box describes the position: after a resize or adaptive pool to another size, attention
     over tokens (ViT, Swin, MaxViT report fields up to their patch embedding and stem only),
     or any output that is not an (N, C, H, W) map. Two conventions, as in the receptive-field
@@ -435,7 +435,7 @@ _RESHAPES = {
     "reshape_as", "ravel", "squeeze_", "unsqueeze_",
 }
 _MIXERS = {  # spatial mixing no box describes
-    "conv1d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+    "convolution", "_convolution", "conv1d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
     "unfold", "fold", "pixel_shuffle", "pixel_unshuffle", "grid_sample", "matmul", "mm",
     "bmm", "baddbmm", "addmm", "einsum", "scaled_dot_product_attention",
     "multi_head_attention_forward", "rot90", "fliplr", "flipud", "topk", "kthvalue",
