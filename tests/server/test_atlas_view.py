@@ -51,6 +51,10 @@ def test_channel_view_carries_the_atlas(atlas_client, atlas_dir):
     assert [row["image"] for row in shown["topk"]] == names
     assert shown["stats"]["max"] == pytest.approx(float(atlas.stats("features.2")["max"][3]))
     assert shown["crops"] is True
+    # The layer's dead count over the dataset, next to "inactive on this image".
+    dead = atlas.stats("features.2")["dead"]
+    assert shown["layer_dead_count"] == int(sum(bool(v) for v in dead))
+    assert info["inactive"] == (info["stats"]["max"] <= 0)
     crops = atlas_client.get("/api/atlas/crops.jpg", params={"layer": "features.2",
                                                              "channel": 3})
     assert crops.status_code == 200
