@@ -47,6 +47,7 @@ from torch import nn
 from ..errors import UnknownNameError
 from ..hooks import forward_hooks
 from ..layers import resolve_layers
+from ..spatial import NoSpatialMapError, SpatialLayout, spatial_layout
 from . import CAM_METHODS
 from .common import borrowed, check_finite, check_input, chunks, log, normalize, upsample
 from .targets import (
@@ -93,31 +94,62 @@ def method_name(method: str) -> str:
 # Layer choice
 
 
-def _spatial(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.ndim == 4 and value.shape[2] * value.shape[3] > 1
-
-
-@torch.no_grad()
 def default_layer(model: nn.Module, x: torch.Tensor) -> str:
-    """Name of the last module (in execution order) whose output is an (N, C, H, W) map
-    with more than one position: the usual CAM layer (ResNet ``layer4``, VGG ``features``)."""
+    """Name of the last module (in execution order) whose output reads as spatial maps
+    with more than one position and whose map the top-1 score depends on.
+
+    For CNNs this is the usual CAM layer (ResNet ``layer4``, VGG ``features``). For vision
+    transformers the last block's patch tokens often carry no gradient (the head reads
+    only the class token), so the choice falls on the last token layer of the model's
+    width whose map does (a ViT's last ``norm1``, as pytorch-grad-cam recommends): one
+    forward and backward pass on the first sample decides.
+    """
+    from ..spatial import model_hints
+
     module, _ = unwrap_model(model)
     modules = {name: m for name, m in module.named_modules() if name}
-    finished: list[str] = []
+    hints = model_hints(module)
+    probe = check_input(x, module)[:1].detach().clone().requires_grad_(True)
+    found: list[tuple[str, torch.Tensor, SpatialLayout]] = []
 
-    def hook(name: str, _m: nn.Module, _i: tuple, output: Any) -> None:
-        if _spatial(output):
-            finished.append(name)
+    def hook(name: str, m: nn.Module, _i: tuple, output: Any) -> Any:
+        tensor = output[0] if isinstance(output, (tuple, list)) and output else output
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            return None
+        try:
+            layout = spatial_layout(tensor.shape, model=hints, module=m,
+                                    input_hw=tuple(probe.shape[-2:]), batch_size=1, name=name)
+        except NoSpatialMapError:
+            return None
+        if layout.grid[0] * layout.grid[1] <= 1:
+            return None
+        found.append((name, tensor, layout))
+        # Later in-place ops rewrite a copy, so the kept tensor stays differentiable.
+        copy = tensor.clone()
+        return copy if tensor is output else type(output)([copy, *output[1:]])
 
-    probe = check_input(x, module)[:1]
-    with borrowed(module, what="layer search"), forward_hooks(modules, hook):
-        module(probe)
-    if not finished:
-        raise LayerOutputError(
-            "no layer of the model returns a spatial (N, C, H, W) map larger than 1x1, so "
-            "there is nothing to localise; pass layer= explicitly"
-        )
-    return finished[-1]
+    with borrowed(module, what="layer search"), forward_hooks(modules, hook), \
+            torch.enable_grad():
+        logits = select_output(module(probe), None)
+        if not found:
+            raise LayerOutputError(
+                "no layer of the model returns a spatial map larger than 1x1 ((N, C, H, W), "
+                "channels-last or patch tokens), so there is nothing to localise; pass "
+                "layer= explicitly"
+            )
+        score = logits.reshape(1, -1).max(dim=1).values.sum()
+        grads = torch.autograd.grad(score, [t for _, t, _ in found], allow_unused=True) \
+            if score.requires_grad else [None] * len(found)
+    # Token layers count only at the model's final width: an attention block's qkv
+    # projection (3x wider) is not a feature map of the network.
+    widths = [layout.channels for _, _, layout in found if layout.kind == "tokens"]
+    for (name, _, layout), grad in zip(reversed(found), reversed(grads)):
+        if layout.kind == "tokens" and layout.channels != widths[-1]:
+            continue
+        if grad is not None and bool(layout.apply(grad).ne(0).any()):
+            return name
+    log.info("cam: no spatial layer's map affects the top score; taking the last one")
+    return found[-1][0]
 
 
 def _one_layer(module: nn.Module, layer: Any, x: torch.Tensor) -> tuple[str, nn.Module]:
@@ -153,22 +185,27 @@ class _Probe:
         self.count += 1
         if self.call >= 0 and index != self.call:
             return None
-        if not isinstance(output, torch.Tensor) or output.ndim != 4:
-            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        # A tensor, or a tuple/list led by one (Hugging Face blocks return ``(hidden,)``);
+        # whether it reads as spatial maps is decided after the pass (spatial_layout).
+        tensor = output[0] if isinstance(output, (tuple, list)) and output else output
+        if not isinstance(tensor, torch.Tensor):
             raise LayerOutputError(
-                f"layer {self.name!r} returns {shape}, not an (N, C, H, W) feature map; "
-                "choose a convolutional layer (convscope.list_layers(model) shows the shapes)"
+                f"layer {self.name!r} returns {type(output).__name__}, not a feature map; "
+                "choose a convolutional or transformer block layer "
+                "(convscope.list_layers(model) shows the shapes)"
             )
         if not self.grad:
-            self.kept.append(output.detach().clone())
+            self.kept.append(tensor.detach().clone())
             return None
         # The first kept call starts the graph (parameters do not require grad, so nothing
         # before the layer is recorded); later calls are nodes inside it.
-        kept = output if output.requires_grad else output.detach().requires_grad_(True)
+        kept = tensor if tensor.requires_grad else tensor.detach().requires_grad_(True)
         self.kept.append(kept)
         # Downstream modules get a copy: an in-place op after this layer modifies the copy,
         # never the tensor we differentiate and read.
-        return kept.clone()
+        if tensor is output:
+            return kept.clone()
+        return type(output)([kept.clone(), *output[1:]])
 
     def chosen(self) -> torch.Tensor:
         if self.count == 0:
@@ -186,6 +223,23 @@ class _Probe:
                 " does not exist"
             )
         return self.kept[self.call]
+
+
+def _layout(module: nn.Module, layer: tuple[str, nn.Module], acts: torch.Tensor,
+            x: torch.Tensor) -> SpatialLayout:
+    """How the layer's output reads as ``(N, C, H, W)`` maps (conv maps as they are,
+    channels-last transposed, transformer tokens without prefix tokens on the patch grid),
+    or a :class:`LayerOutputError` that says why it has no such reading."""
+    try:
+        return spatial_layout(acts.shape, model=module, module=layer[1],
+                              input_hw=tuple(x.shape[-2:]), batch_size=x.shape[0],
+                              name=f"layer {layer[0]!r}")
+    except NoSpatialMapError as error:
+        raise LayerOutputError(
+            f"layer {layer[0]!r} returns {tuple(acts.shape)}, not an (N, C, H, W) feature map "
+            f"nor a layout that reads as one ({error}); choose a convolutional or transformer "
+            "block layer (convscope.list_layers(model) shows the shapes)"
+        ) from None
 
 
 def _forward(module: nn.Module, layer: tuple[str, nn.Module], x: torch.Tensor, call: int,
@@ -295,21 +349,24 @@ def _score_cam(module: nn.Module, layer: tuple[str, nn.Module], x: torch.Tensor,
 @torch.no_grad()
 def _ablation_cam(module: nn.Module, layer: tuple[str, nn.Module], x: torch.Tensor,
                   acts: torch.Tensor, call: int, base: torch.Tensor, target: Callable,
-                  output: OutputSpec, batch_size: int) -> torch.Tensor:
+                  output: OutputSpec, batch_size: int, layout: SpatialLayout) -> torch.Tensor:
     n, c = acts.shape[:2]
     samples = torch.arange(n, device=x.device).repeat_interleave(c)
     channels = torch.arange(c, device=x.device).repeat(n)
     scores = acts.new_empty(n * c)
     state = {"count": 0, "channels": channels[:0]}
 
-    def hook(_name: str, _m: nn.Module, _i: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    def hook(_name: str, _m: nn.Module, _i: tuple, output: Any) -> Any:
         index = state["count"]
         state["count"] += 1
         if index != call:
             return None
-        ablated = output.clone()
-        ablated[torch.arange(ablated.shape[0]), state["channels"]] = 0
-        return ablated
+        tensor = output[0] if isinstance(output, (tuple, list)) else output
+        ablated = tensor.clone()
+        # Zero the channel where the map reads it (a view: tokens' patch part, NHWC's last dim).
+        view = layout.apply(ablated)
+        view[torch.arange(view.shape[0]), state["channels"]] = 0
+        return ablated if tensor is output else type(output)([ablated, *output[1:]])
 
     with forward_hooks({layer[0]: layer[1]}, hook):
         for part in chunks(n * c, batch_size):
@@ -394,9 +451,10 @@ def _cam_batch(module: nn.Module, layer: tuple[str, nn.Module], x: torch.Tensor,
                top_channels: int | None) -> torch.Tensor:
     grad = kind in GRADIENT_METHODS
     raw, acts, count = _forward(module, layer, x, call, grad)
+    layout = _layout(module, layer, acts, x)
     logits = select_output(raw, output)
     if kind == "eigencam":
-        return _eigen_cam(acts.detach())
+        return _eigen_cam(layout.apply(acts.detach()))
     fn = resolve_targets(target, logits.detach(), class_names=class_names)
     if grad:
         scores = _scores(fn, logits, x.shape[0])
@@ -411,13 +469,15 @@ def _cam_batch(module: nn.Module, layer: tuple[str, nn.Module], x: torch.Tensor,
                 f"the target score does not depend on layer {layer[0]!r} (call {call})"
             )
         check_finite(grads, f"the gradient of the target w.r.t. layer {layer[0]!r}")
-        acts = acts.detach()
-        return _gradient_cam(kind, acts, grads)
+        # The layout only indexes, so applied to the gradient it gives the map's gradient.
+        return _gradient_cam(kind, layout.apply(acts.detach()), layout.apply(grads))
+    maps = layout.apply(acts)
     if kind == "ablationcam":
         absolute = call if call >= 0 else count + call
         base = _scores(fn, logits, x.shape[0])
-        return _ablation_cam(module, layer, x, acts, absolute, base, fn, output, batch_size)
-    return _score_cam(module, layer, x, acts, fn, output, batch_size,
+        return _ablation_cam(module, layer, x, maps, absolute, base, fn, output, batch_size,
+                             layout)
+    return _score_cam(module, layer, x, maps, fn, output, batch_size,
                       top_channels if kind == "fasterscorecam" else None)
 
 
