@@ -1,5 +1,7 @@
 """Receptive fields of list_layers against an independent computation: the input pixels
-whose gradient is non-zero for one output unit, on every torchvision classifier.
+whose gradient is non-zero for one output position (all its channels), on a builder of
+every torchvision architecture; shapes only (meta device), a square final field for all
+other builders, the largest included.
 
 With positive weights, positive inputs and every activation and normalisation made the
 identity (max pools become average pools of the same geometry), no path from an input
