@@ -24,8 +24,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
-import resource
 import subprocess
 import sys
 import time
@@ -151,12 +149,16 @@ def _photos(model):
 def channel_objectives(steps: int, size: int, count: int, layer: str = LATE_BLOCK,
                        param: str = "fft") -> dict:
     import torch
+    import torch.nn.functional as F
 
     from convscope import capture, load_model
     from convscope.featvis import visualize
 
     model = load_model("efficientnet_lite0", device="cpu")
     photos = _photos(model)
+    if photos.shape[-1] != size:  # same input size as the visualisations
+        photos = F.interpolate(photos, size=(size, size), mode="bilinear", antialias=True,
+                               align_corners=False)
     with torch.no_grad(), capture(model.module, layer) as acts:
         model.module(photos)
     channels_total = acts[layer].shape[1]
@@ -172,6 +174,22 @@ def channel_objectives(steps: int, size: int, count: int, layer: str = LATE_BLOC
             "median_ratio": float((vis.values / best_photo[picked].clamp_min(1e-6)).median())}
 
 
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _rss_reset_peak() -> int:
+    """Reset the process's peak RSS (VmHWM; Linux ``clear_refs`` 5) and return the RSS, so
+    the peak measured afterwards belongs to the run, not to loading the model."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return _status_bytes("VmRSS")
+
+
 def _worker(config: dict) -> dict:
     """One timed run in this (fresh) process: time and peak RSS growth."""
     import torch
@@ -183,8 +201,7 @@ def _worker(config: dict) -> dict:
     model = load_model("efficientnet_lite0", device="cpu")
     for p in model.module.parameters():
         p.requires_grad_(False)
-    with open("/proc/self/statm") as handle:
-        before = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    before = _rss_reset_peak()
     channels = list(range(config["objectives"]))
     start = time.perf_counter()
     if config["lib"] == "Lucent":
@@ -195,7 +212,7 @@ def _worker(config: dict) -> dict:
         visualize(model, [f"{config['layer']}:{c}" for c in channels], steps=config["steps"],
                   size=config["size"], batch_size=batch, progress=False)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_bytes("VmHWM")
     return {"seconds_per_objective": seconds / len(channels),
             "peak_mib": max(0, peak - before) / 2**20}
 
@@ -217,13 +234,13 @@ def run(quick: bool = False, *, class_steps: int | None = None, size: int | None
     """The Markdown section. ``quick`` shrinks every part to a smoke run."""
     size = size or (96 if quick else 224)
     class_steps = class_steps or (16 if quick else 256)
-    channel_steps = channel_steps or (16 if quick else 128)
-    channels = channels or (4 if quick else 16)
+    channel_steps = channel_steps or (16 if quick else 96)
+    channels = channels or (4 if quick else 12)
     speed_steps = speed_steps or (16 if quick else 512)
     classes = CLASSES[:3] if quick else CLASSES
     transfer = class_transfer(class_steps, size, classes)
     chans = channel_objectives(channel_steps, size, channels)
-    timing = speed(speed_steps, 128 if not quick else 64, 2 if quick else 4)
+    timing = speed(speed_steps, 128 if not quick else 64, 2 if quick else 3)
     n = len(classes)
     lines = [
         f"**Class transfer** ({n} classes of the bundled EfficientNet-Lite0, {class_steps} "
