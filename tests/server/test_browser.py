@@ -196,6 +196,9 @@ def test_explore_share_and_reload(browser, server_url, tmp_path):
     page.wait_for_function("() => location.hash.includes('image=upload')", timeout=30_000)
     wait_image(page, "input-img", "upload")
     assert page.locator("#error").is_hidden()
+    # Sent as a form: the file's name is listed (to this browser only).
+    page.wait_for_function("() => Array.from(document.querySelectorAll('#image option'))"
+                           ".some(o => o.textContent.startsWith('up.png'))")
     assert errors == []
     page.close()
 

@@ -424,7 +424,9 @@ def api_reference_html(schema: dict[str, Any]) -> str:
                         f"<td>{escape(param.get('description', ''))}</td></tr>")
                 parts.append("</table>")
             if "requestBody" in op:
-                parts.append("<p>Body: the raw bytes of an image file.</p>")
+                parts.append("<p>Body: the bytes of an image file (Content-Type image/* or "
+                             "application/octet-stream), or a multipart/form-data form with "
+                             "one file.</p>")
     return "\n".join(parts)
 
 

@@ -505,8 +505,9 @@ async function upload(file) {
   if (!file) return;
   busy(1);
   try {
-    const response = await fetch("/api/images", { method: "POST", body: file,
-      headers: { "Content-Type": file.type || "application/octet-stream" } });
+    const form = new FormData();  // multipart/form-data: the file name travels with it
+    form.append("file", file, file.name);
+    const response = await fetch("/api/images", { method: "POST", body: form });
     const body = await response.json().catch(() => ({}));
     if (!response.ok) throw new Error(body.detail || response.statusText);
     state.image = body.id;
