@@ -79,6 +79,21 @@ def test_finished_jobs_expire():
     queue.close()
 
 
+def test_finished_jobs_are_bounded_in_number():
+    queue = JobQueue(max_jobs=1, per_client=1, ttl=3600)
+    queue.max_kept = 3
+    ids = []
+    for i in range(6):
+        job = queue.submit("a", "cam", i, {}, lambda: None)
+        ids.append(wait_final(queue, job.id).id)
+    queue.submit("a", "cam", "last", {}, lambda: None)  # expiry runs on submit and get
+    assert queue.status()["kept"] <= 4
+    with pytest.raises(UnknownJobError):
+        queue.get(ids[0])
+    assert queue.get(ids[-1])[0].status == "done"
+    queue.close()
+
+
 @pytest.fixture
 def jobs_app(tiny_loaded):
     from fastapi.testclient import TestClient

@@ -91,6 +91,9 @@ class Job:
 class JobQueue:
     """A bounded queue of jobs run one at a time on a private thread."""
 
+    #: Finished jobs kept at most (oldest dropped first), whatever their age.
+    max_kept = 256
+
     def __init__(self, max_jobs: int, per_client: int, ttl: float):
         if max_jobs < 1 or per_client < 1:
             raise ValueError("max_jobs and max_jobs_per_client must be >= 1")
@@ -193,6 +196,9 @@ class JobQueue:
         now = time.monotonic()
         for job_id in [i for i, job in self._jobs.items()
                        if job.final and now - (job.finished or now) > self.ttl]:
+            del self._jobs[job_id]
+        finished = [i for i, job in self._jobs.items() if job.final]  # oldest first
+        for job_id in finished[: max(0, len(finished) - self.max_kept)]:
             del self._jobs[job_id]
 
     def status(self) -> dict[str, Any]:
