@@ -44,7 +44,8 @@ from .views import (
 
 log = logging.getLogger(__name__)
 
-#: Responses depend only on their URL (image ids are content hashes): let browsers cache.
+#: Responses depend only on their URL (an image id always names the same pixels): let
+#: browsers cache.
 CACHE_HEADERS = {"Cache-Control": "private, max-age=3600"}
 #: Content types an upload may have (others, e.g. a cross-site text/plain post, get 415).
 UPLOAD_TYPES = ("image/", "application/octet-stream", "multipart/form-data")
