@@ -263,3 +263,38 @@ def test_deepcopy_not_needed_for_vgg_fixture(vgg16):
     before = copy.deepcopy(snapshot(vgg16))
     cam(vgg16, torch.randn(1, 3, 32, 32), layer="features.28")
     assert_same(before, vgg16)
+
+
+def test_progress_reports_every_batch_and_raising_cancels(bnnet, x):
+    """Score-/Ablation-CAM and sanity report progress; a callback that raises cancels the
+    work and the model keeps no hook."""
+    from convscope import sanity_check
+
+    seen: list[tuple[str, int, int | None]] = []
+    channels = dict(bnnet.named_modules())["conv2"].out_channels
+    assert channels >= x.shape[0]  # one part of the batch, x.shape[0] masked passes
+    cam(bnnet, x, layer="conv2", method="scorecam", batch_size=channels,
+        progress=lambda *a: seen.append(a))
+    assert seen == [("score-cam: masked passes", done, 3) for done in range(4)]
+    seen.clear()
+    cam(bnnet, x, layer="conv2", method="scorecam", batch_size=2,  # two parts of the batch
+        progress=lambda *a: seen.append(a))
+    first = -(-2 * channels // 2)
+    assert seen[0] == ("score-cam: masked passes (samples 1-2 of 3)", 0, first)
+    assert seen[first] == ("score-cam: masked passes (samples 1-2 of 3)", first, first)
+    assert seen[-1][0] == "score-cam: masked passes (samples 3-3 of 3)"
+    seen.clear()
+    sanity_check(bnnet, x, method="gradcam", layer="conv2", steps=3,
+                 progress=lambda *a: seen.append(a))
+    assert [s[1] for s in seen] == [0, 1, 2, 3] and seen[0][0] == "sanity: randomisation steps"
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(_phase: str, done: int, _total: int | None) -> None:
+        if done == 1:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        cam(bnnet, x, layer="conv2", method="ablationcam", batch_size=1, progress=cancel)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in bnnet.modules())

@@ -9,8 +9,15 @@ import sys
 from pathlib import Path
 
 from ..methods import CAM_METHODS
-from .common import add_model_args, load_model_from_args
-from .progress import Steps
+from .common import (
+    add_json_arg,
+    add_layer_args,
+    add_model_args,
+    add_quiet_arg,
+    load_model_from_args,
+    single_layer,
+)
+from .progress import Steps, bar
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("image", help="image path or sample:NAME (chelsea, coffee, rocket, astronaut)")
     add_model_args(p)
-    p.add_argument("--layer", "-l", help="layer to explain (default: the last spatial layer)")
+    add_layer_args(p, help="the layer to explain (one; default: the last spatial layer)")
     p.add_argument("--call", type=int, default=-1,
                    help="which call of a module run several times per forward (default last)")
     p.add_argument("--method", default="gradcam", choices=CAM_METHODS,
@@ -39,6 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sanity-steps", type=int, default=8,
                    help="randomisation steps of the sanity check (8)")
     p.add_argument("--out", "-o", default="cam-out", help="output folder (cam-out)")
+    add_quiet_arg(p)
+    add_json_arg(p, "the overlays written (and the sanity report)")
     p.set_defaults(func=run_cam)
 
 
@@ -55,7 +64,7 @@ def run_cam(args: argparse.Namespace) -> int:
 
     if args.topk < 1:
         raise ConvscopeError("--topk must be at least 1")
-    steps = Steps(5 + bool(args.sanity))
+    steps = Steps(5 + bool(args.sanity), quiet=args.quiet, title="cam")
     with steps.step("loading image"):
         image = load_image(args.image)
     with steps.step(f"loading model {args.model}"):
@@ -75,11 +84,12 @@ def run_cam(args: argparse.Namespace) -> int:
                         f"{len(ranking)} classes, 0..{len(ranking) - 1})"
                     )
                 picked.append(by_index[index])
-        layer_name = _one_layer(model.module, args.layer, x)[0]
-    with steps.step(f"{args.method} at {layer_name} for {len(picked)} class(es)"):
+        layer_name = _one_layer(model.module, single_layer(args.layers, "cam"), x)[0]
+    passes = bar(args, unit="batches")
+    with steps.step(f"{args.method} at {layer_name} for {len(picked)} class(es)"), passes:
         maps = cam(model, x.expand(len(picked), -1, -1, -1), layer=layer_name,
                    target=[p.index for p in picked], method=args.method, call=args.call,
-                   batch_size=args.batch_size)
+                   batch_size=args.batch_size, progress=passes)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     display = model.transform.to_display(x[0]).cpu()
@@ -90,18 +100,33 @@ def run_cam(args: argparse.Namespace) -> int:
             overlay(display, heat, alpha=args.alpha, cmap=args.cmap).save(out / name)
             files.append((name, pred))
         _write_index(out, args, model.name, layer_name, files)
-    print(f"layer {layer_name}, method {args.method}; wrote {len(files)} overlay(s) and "
-          f"{out / 'index.html'}")
-    for name, pred in files:
-        print(f"  {pred.label} ({pred.probability:.3f}): {out / name}")
+    if not args.json:
+        print(f"layer {layer_name}, method {args.method}; wrote {len(files)} overlay(s) and "
+              f"{out / 'index.html'}")
+        for name, pred in files:
+            print(f"  {pred.label} ({pred.probability:.3f}): {out / name}")
+    report = None
     if args.sanity:
         from convscope.methods.sanity import sanity_check
 
         with steps.step("sanity check (cascading randomisation)"):
             report = sanity_check(model, x, method=args.method, layer=layer_name,
                                   target=[picked[0].index], call=args.call,
-                                  steps=args.sanity_steps)
-        print(report.table())
+                                  steps=args.sanity_steps,
+                                  progress=bar(args, unit="steps"))
+        if not args.json:
+            print(report.table())
+    if args.json:
+        import json
+
+        json.dump({
+            "model": model.name, "layer": layer_name, "method": args.method,
+            "call": args.call, "index_html": str(out / "index.html"),
+            "overlays": [{"file": str(out / name), "index": pred.index, "label": pred.label,
+                          "probability": pred.probability} for name, pred in files],
+            "sanity": report.as_dict() if report is not None else None,
+        }, sys.stdout, indent=1)
+        print()
     sys.stdout.flush()
     return 0
 

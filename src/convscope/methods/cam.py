@@ -47,6 +47,7 @@ from torch import nn
 from ..errors import UnknownNameError
 from ..hooks import forward_hooks
 from ..layers import resolve_layers
+from ..progress import ProgressCallback, track
 from ..spatial import NoSpatialMapError, SpatialLayout, spatial_layout
 from . import CAM_METHODS
 from .common import borrowed, check_finite, check_input, chunks, log, normalize, upsample
@@ -319,7 +320,8 @@ def _eigen_cam(acts: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _score_cam(module: nn.Module, layer: tuple[str, nn.Module], x: torch.Tensor,
                acts: torch.Tensor, target: Callable, output: OutputSpec, batch_size: int,
-               top_channels: int | None) -> torch.Tensor:
+               top_channels: int | None, progress: ProgressCallback | None = None
+               ) -> torch.Tensor:
     n, c = acts.shape[:2]
     flat = acts.reshape(n, c, -1)
     low = flat.min(dim=2, keepdim=True).values
@@ -335,7 +337,8 @@ def _score_cam(module: nn.Module, layer: tuple[str, nn.Module], x: torch.Tensor,
     picked = channels.reshape(-1)
     scores = acts.new_empty(n * k)
     size = tuple(x.shape[-2:])
-    for part in chunks(n * k, batch_size):
+    parts = list(chunks(n * k, batch_size))
+    for part in track(parts, progress, "score-cam: masked passes"):
         mask = upsample(masks[samples[part], picked[part]], size)[:, None]
         # one sample: broadcast instead of gathering copies of the input first
         masked = mask * x if n == 1 else mask * x[samples[part]]
@@ -349,7 +352,8 @@ def _score_cam(module: nn.Module, layer: tuple[str, nn.Module], x: torch.Tensor,
 @torch.no_grad()
 def _ablation_cam(module: nn.Module, layer: tuple[str, nn.Module], x: torch.Tensor,
                   acts: torch.Tensor, call: int, base: torch.Tensor, target: Callable,
-                  output: OutputSpec, batch_size: int, layout: SpatialLayout) -> torch.Tensor:
+                  output: OutputSpec, batch_size: int, layout: SpatialLayout,
+                  progress: ProgressCallback | None = None) -> torch.Tensor:
     n, c = acts.shape[:2]
     samples = torch.arange(n, device=x.device).repeat_interleave(c)
     channels = torch.arange(c, device=x.device).repeat(n)
@@ -369,7 +373,8 @@ def _ablation_cam(module: nn.Module, layer: tuple[str, nn.Module], x: torch.Tens
         return ablated if tensor is output else type(output)([ablated, *output[1:]])
 
     with forward_hooks({layer[0]: layer[1]}, hook):
-        for part in chunks(n * c, batch_size):
+        parts = list(chunks(n * c, batch_size))
+        for part in track(parts, progress, "ablation-cam: ablated passes"):
             state["count"] = 0
             state["channels"] = channels[part]
             logits = select_output(module(x[samples[part]]), output)
@@ -395,6 +400,7 @@ def cam(
     batch_size: int = 32,
     top_channels: int = 10,
     return_raw: bool = False,
+    progress: ProgressCallback | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Class activation maps ``(N, H, W)`` in [0, 1] at the input's size.
 
@@ -414,7 +420,9 @@ def cam(
     masked or ablated copies for Score-/Ablation-CAM). ``top_channels`` is Faster
     Score-CAM's channel count. With ``return_raw`` the layer-resolution maps (after the
     ReLU, before scaling) come back too: ``(maps, raw)`` (for ``guided_gradcam``, the
-    signed ``(N, C, H, W)`` attribution).
+    signed ``(N, C, H, W)`` attribution). ``progress(phase, done, total)`` hears of each
+    batch of Score-/Ablation-CAM passes (:mod:`convscope.progress`); raising from it
+    cancels the computation, leaving the model as it was.
 
     The model is left as it was: training flags, ``requires_grad``, ``.grad`` and hooks.
     A model in training mode is explained in eval mode, with a warning.
@@ -434,10 +442,18 @@ def cam(
     chosen = _one_layer(module, layer, x)
     raws = []
     with borrowed(module, what="class activation map"):
-        for part in chunks(n, batch_size):
+        parts = list(chunks(n, batch_size))
+        for part in parts:
             part_target = split_target(target, part, n)
+            heard = progress
+            if progress is not None and len(parts) > 1:  # one bar per part of the batch
+                span = f" (samples {part.start + 1}-{part.stop} of {n})"
+
+                def heard(phase: str, done: int, total: int | None, span: str = span) -> None:
+                    progress(phase + span, done, total)
+
             raw = _cam_batch(module, chosen, x[part], kind, part_target, call, output,
-                             class_names, batch_size, top_channels)
+                             class_names, batch_size, top_channels, heard)
             check_finite(raw, f"the {kind} map of layer {chosen[0]!r}")
             raws.append(raw.detach())
     raw_maps = torch.cat(raws)
@@ -448,7 +464,8 @@ def cam(
 def _cam_batch(module: nn.Module, layer: tuple[str, nn.Module], x: torch.Tensor, kind: str,
                target: TargetSpec, call: int, output: OutputSpec,
                class_names: list[str] | None, batch_size: int,
-               top_channels: int | None) -> torch.Tensor:
+               top_channels: int | None, progress: ProgressCallback | None = None
+               ) -> torch.Tensor:
     grad = kind in GRADIENT_METHODS
     raw, acts, count = _forward(module, layer, x, call, grad)
     layout = _layout(module, layer, acts, x)
@@ -476,9 +493,9 @@ def _cam_batch(module: nn.Module, layer: tuple[str, nn.Module], x: torch.Tensor,
         absolute = call if call >= 0 else count + call
         base = _scores(fn, logits, x.shape[0])
         return _ablation_cam(module, layer, x, maps, absolute, base, fn, output, batch_size,
-                             layout)
+                             layout, progress)
     return _score_cam(module, layer, x, maps, fn, output, batch_size,
-                      top_channels if kind == "fasterscorecam" else None)
+                      top_channels if kind == "fasterscorecam" else None, progress)
 
 
 def guided_gradcam(

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..progress import ProgressCallback, track
 from .cam import METHODS as CAM_METHODS
 from .cam import _one_layer, cam, method_name
 from .common import borrowed, check_input
@@ -115,6 +116,7 @@ def sanity_check(
     steps: int = 8,
     seed: int = 0,
     threshold: float = 0.5,
+    progress: ProgressCallback | None = None,
     **options: Any,
 ) -> SanityReport:
     """Cascading model-randomisation check of ``method`` (a CAM or saliency method).
@@ -127,6 +129,7 @@ def sanity_check(
     the same target (the original model's top-1 when ``target`` is None) and compared with
     the original by Spearman rank correlation, averaged over the batch. The caller's model
     is never modified. Extra ``options`` go to :func:`cam` or :func:`saliency`.
+    ``progress(phase, done, total)`` hears of each randomisation step.
     """
     module, class_names = unwrap_model(model)
     x = check_input(x, module)
@@ -154,7 +157,7 @@ def sanity_check(
                                               max(1, min(steps, len(order)))) if len(g)]
     report = SanityReport(method=kind, layer=layer_name, threshold=threshold)
     done = 0
-    for i, group in enumerate(groups, start=1):
+    for i, group in enumerate(track(groups, progress, "sanity: randomisation steps"), start=1):
         for j, name in enumerate(group):
             _randomize(named[name], seed + done + j)
         done += len(group)
