@@ -39,6 +39,10 @@ def test_no_server_errors(fuzz_app):
                                                 response.text[:300])
 
         check()
+    # Whatever was thrown at it, every cache stayed within its byte bound.
+    status = fuzz_app.state.convscope.status()
+    for name, cache in status["caches"].items():
+        assert cache["bytes"] <= cache["max_bytes"], (name, cache)
 
 
 def test_known_values_never_500(fuzz_app):
