@@ -182,6 +182,10 @@ def test_switching_views_reuses_the_forward_pass(app, client, lite0_acts):
     client.get("/api/input.png", params={"image": image})
     assert state.forward_count == before + 2
     assert result.complete and len(result.acts) > 100
+    # A stale layer hint does not stop the predictions.
+    stale = client.get("/api/predict", params={"image": "sample:astronaut", "layer": "nope"})
+    assert stale.status_code == 200
+    assert state.forwards.get(("efficientnet_lite0", "sample:astronaut")).acts == {}
     # The cache counts the grown entry's bytes.
     assert state.forwards.size_of(key) == sum(
         t.nelement() * t.element_size() for t in result.acts.values()) + first_bytes - \

@@ -489,7 +489,12 @@ class ServerState:
         loaded = entry.get()
         x = loaded.preprocess(pil)
         if layer:
-            entry.layer_info(layer)  # unknown names raise with suggestions
+            from ..errors import UnknownLayerError
+
+            try:
+                entry.layer_info(layer)
+            except UnknownLayerError:  # a stale hint: predictions still answer
+                layer = None
         acts, predictions = self._capture(entry, x, [layer] if layer else [])
         display = to_pil(loaded.transform.to_display(x[0].detach().cpu()))
         return ForwardResult(x=x, display=display, predictions=predictions, acts=acts)
