@@ -19,7 +19,7 @@ from .filters import conv_filters
 from .hooks import capture
 from .images import load_image
 from .layers import LayerCall, list_layers, overview_layers
-from .models import LoadedModel, Prediction
+from .models import LoadedModel, Prediction, logits_of
 from .render.convert import to_pil
 from .render.grid import feature_grid, filter_grid
 
@@ -62,7 +62,7 @@ def write_demo(model: LoadedModel, image: Any, out: Path, *, channels: int = 64,
         table = {row.name: row for row in list_layers(model.module, example_input=batch)}
     with _steps_or_none(steps, f"forward pass, capturing {len(picked)} layers"), torch.no_grad():
         with capture(model.module, sorted({c.name for c in picked.values()})) as acts:
-            logits = model.module(batch)
+            logits = logits_of(model.module(batch))
         probs = torch.softmax(logits.float(), 1)[0]
         top = probs.topk(5)
         predictions = [Prediction(int(i), model.label(int(i)), float(p))

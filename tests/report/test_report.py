@@ -155,3 +155,16 @@ def test_cam_failure_leaves_the_rest(tiny_net):
     html = build_report(loaded, "sample:rocket", ReportOptions(cam_method="no-such-cam"))
     assert "CAM could not be computed" in html
     assert "features.0 — 4×224×224" in html
+
+
+def test_random_weights_are_said_in_the_header_and_token_layers_are_drawn():
+    """A torchvision model without weights says so; a ViT block (tokens) is drawn as maps
+    through the one spatial reading, never skipped or drawn as a 197x768 picture."""
+    from convscope import build_report, load_model
+    from convscope.report import ReportOptions
+
+    loaded = load_model("timm:vit_tiny_patch16_224", model_kwargs={"img_size": 64, "depth": 2})
+    assert loaded.pretrained is False
+    page = build_report(loaded, "sample:coffee", ReportOptions(layers=["blocks.1"], cam_topk=1))
+    assert "random weights" in page
+    assert "blocks.1 — 192×4×4" in page

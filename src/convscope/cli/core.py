@@ -93,8 +93,9 @@ def run_activations(args: argparse.Namespace) -> int:
     from convscope.errors import ConvscopeError
     from convscope.hooks import capture
     from convscope.images import load_image
-    from convscope.layers import first_tensor, resolve_layers
+    from convscope.layers import resolve_layers
     from convscope.render.grid import feature_grid
+    from convscope.spatial import NoSpatialMapError
 
     steps = Steps(4, quiet=args.quiet, title="activations")
     with steps.step("loading image"):
@@ -120,15 +121,14 @@ def run_activations(args: argparse.Namespace) -> int:
             if not calls:
                 skipped.append(f"{name} (not called)")
                 continue
-            try:
-                value = first_tensor(calls[args.call])
-            except IndexError:
+            if not -len(calls) <= args.call < len(calls):
                 raise ConvscopeError(
                     f"--call {args.call}: {name} ran {len(calls)} time(s) in the forward pass"
-                ) from None
-            if value is None or value.dim() != 4:
-                shape = tuple(value.shape) if value is not None else None
-                skipped.append(f"{name} (output {shape} has no spatial map)")
+                )
+            try:  # conv maps as they are; channels-last and transformer tokens as maps
+                value = acts.maps(name, call=args.call)
+            except NoSpatialMapError as error:
+                skipped.append(f"{name} ({error})")
                 continue
             image_out = feature_grid(value[0], **grid_kwargs(args))
             path = out if single_file else out / f"{_safe_name(name)}.png"

@@ -118,13 +118,12 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[Any]], numeric: set[int]
 def build_report(model: Any, image: Any, options: ReportOptions | None = None) -> str:
     """The report's HTML for ``image`` (anything :func:`convscope.load_image` takes) through
     ``model`` (a :class:`~convscope.models.LoadedModel`)."""
-    import torch
-
     from ..hooks import capture
     from ..images import load_image
     from ..layers import list_layers, resolve_layers
     from ..render.convert import to_pil
     from ..render.grid import feature_grid, filter_grid
+    from ..spatial import NoSpatialMapError
     from ..stats import layer_summary
 
     opts = options or ReportOptions()
@@ -174,11 +173,10 @@ def build_report(model: Any, image: Any, options: ReportOptions | None = None) -
     for name in names:
         if name not in acts:
             continue
-        value = acts[name]
-        value = value[0] if isinstance(value, (tuple, list)) else value
-        if not isinstance(value, torch.Tensor) or value.dim() != 4:
+        try:  # conv maps as they are; channels-last and transformer tokens as maps
+            act = acts.maps(name)[0]
+        except NoSpatialMapError:
             continue
-        act = value[0]
         stats = layer_summary(act)
         channels, height, width = act.shape
         shown = min(opts.channels, channels)
@@ -224,6 +222,9 @@ def build_report(model: Any, image: Any, options: ReportOptions | None = None) -
     title = opts.title or f"convscope report: {_image_name(image)} through {model.name}"
     meta = (f"model {html.escape(model.name)} · input {'×'.join(map(str, model.input_size))} · "
             f"{len(names)} layer(s) selected")
+    if getattr(model, "pretrained", None) is False:
+        meta += (' · <strong class="warning">random weights: this model was not trained, '
+                 "so its predictions and maps mean nothing</strong>")
     template = Template(
         (resources.files("convscope.report") / "templates" / "report.html").read_text("utf-8")
     )
