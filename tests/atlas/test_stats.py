@@ -81,7 +81,8 @@ def test_pow2_bins_equal_bucketize_on_edges_and_extremes():
 
 
 def _special_batch() -> torch.Tensor:
-    """(3, 2, 3, 5): non-square maps with NaN, +-inf, -0.0, exact edges, ties."""
+    """(3, 2, 3, 5): non-square maps with NaN (both signs), +-inf, -0.0, exact edges,
+    ties."""
     torch.manual_seed(3)
     x = torch.randn(3, 2, 3, 5) * 4
     x[0, 0, 1, 2] = float("nan")
@@ -95,6 +96,10 @@ def _special_batch() -> torch.Tensor:
     x[2, 0, 0, 0] = 5.0
     x[2, 0, 2, 4] = float("inf")  # the same max, later position
     x[1, 1] = float("nan")  # a whole map of NaN: ranks last
+    x[0, 1, 1, 1] = torch.tensor(-0x400000, dtype=torch.int32).view(torch.float32)  # -NaN
+    x[0, 0, 2, 2] = -float("inf")
+    x[2, 1, 2, 0] = float("inf")  # +inf and -inf in one map: a NaN sum without NaN
+    x[2, 1, 2, 1] = -float("inf")
     return x
 
 
@@ -119,7 +124,7 @@ def test_nan_inf_negative_zero_and_edges_against_numpy():
     hist, nans = _numpy_histogram(x, np.array(DEFAULT_EDGES))
     np.testing.assert_array_equal(summary["histogram"].numpy(), hist)
     np.testing.assert_array_equal(summary["nan"].numpy(), nans)
-    assert nans.tolist() == [1, 15]
+    assert nans.tolist() == [1, 16]
     assert summary["count"].tolist() == [45, 45]
     # histogram rows add up to count - nan
     assert (summary["histogram"].sum(1) + summary["nan"]).tolist() == [45, 45]
@@ -146,13 +151,15 @@ def test_tiles_bound_memory_and_do_not_change_results(monkeypatch):
     whole = ChannelStats(2, 3, rankings=("max", "mean"))
     whole.update(x, torch.arange(3))
     seen: list[int] = []
-    keys = stats_module._keys
 
-    def recording(tile, *args):
-        seen.append(tile.numel())
-        return keys(tile, *args)
+    def recording(function):
+        def wrapper(tile, *args):
+            seen.append(tile.numel())
+            return function(tile, *args)
+        return wrapper
 
-    monkeypatch.setattr(stats_module, "_keys", recording)
+    for name in ("_keys", "_fast_pow2_keys"):
+        monkeypatch.setattr(stats_module, name, recording(getattr(stats_module, name)))
     for chunk in (4, 15, 31):  # cut rows of 15; exactly one row; two rows
         monkeypatch.setattr(stats_module, "CHUNK", chunk)
         seen.clear()

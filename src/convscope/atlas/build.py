@@ -598,11 +598,11 @@ def _choose_reduction(fused: str, batches: int, device: torch.device, recorded: 
 
 
 def _probe_compile(device: torch.device) -> None:
-    from .stats import _compiled_keys
+    from .stats import _compiled_counts
 
     probe = torch.randn(6, 5, device=device)
     offsets = torch.zeros(6, 1, dtype=torch.int32, device=device)
-    _compiled_keys()(probe, torch.tensor(DEFAULT_EDGES, device=device), True, offsets)
+    _compiled_counts()(probe, torch.tensor(DEFAULT_EDGES, device=device), True, offsets, 29)
 
 
 def _all_ranks(flag: bool, world: int, device: torch.device) -> bool:

@@ -19,6 +19,7 @@ positive nor a maximum for ranking (a NaN spatial max ranks below every number),
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -69,8 +70,8 @@ def _keys(x: torch.Tensor, edges: torch.Tensor, pow2: bool, offsets: torch.Tenso
     """int32 histogram key of every value of the rows ``x``: its bin (NaN: the extra bin
     ``len(edges) + 1``) plus its row's channel offset, for one ``bincount``.
 
-    Eager and compiled runs call this same function on the same tiles and it only makes
-    integers, so both give bit-identical histograms.
+    Only integers come out, so every exact way of computing them (this function compiled,
+    :func:`_fast_pow2_keys` with the NaN moved, bucketize) gives bit-identical histograms.
     """
     x = x.float()
     if pow2:
@@ -81,13 +82,37 @@ def _keys(x: torch.Tensor, edges: torch.Tensor, pow2: bool, offsets: torch.Tenso
     return bins + offsets
 
 
+def _fast_pow2_keys(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """:func:`_keys` for :data:`DEFAULT_EDGES` in eight eager ops (half of
+    :func:`_pow2_bins`), except for NaN: a NaN with the sign bit clear lands in the last
+    value bin, one with the sign bit set in bin 0, and the caller moves them (rows holding
+    NaN are known from their NaN sum)."""
+    bits = x.view(torch.int32)
+    positive = bits > 0
+    exponent = bits - positive.view(torch.uint8)  # x > 0: ceil(log2 x) from (bits - 1); else floor(log2 |x|)
+    exponent.bitwise_and_(0x7FFFFFFF)
+    exponent.bitwise_right_shift_(23)
+    exponent.clamp_(120, 133)
+    return torch.where(positive, exponent + (offsets - 106), (offsets + 133) - exponent)
+
+
+def _counts(x: torch.Tensor, edges: torch.Tensor, pow2: bool, offsets: torch.Tensor,
+            size: int) -> torch.Tensor:
+    """Histogram counts ``(size,)`` of the keys of ``x`` (see :func:`_keys`). Compiled, the
+    keys are made and counted in one kernel and never stored, so the whole layer goes in one
+    call with no extra memory."""
+    keys = _keys(x, edges, pow2, offsets).view(-1)
+    return torch.zeros(size, dtype=torch.int64, device=x.device).index_add_(0, keys,
+                                                                            _ones(keys))
+
+
 _compiled: dict[str, Callable[..., Any]] = {}
 
 
-def _compiled_keys() -> Callable[..., Any]:
-    """:func:`_keys` through ``torch.compile`` (one fused elementwise kernel per tile)."""
+def _compiled_counts() -> Callable[..., Any]:
+    """:func:`_counts` through ``torch.compile`` (one fused kernel per layer and batch)."""
     if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(_keys, dynamic=True)
+        _compiled["fn"] = torch.compile(_counts, dynamic=True)
     return _compiled["fn"]
 
 
@@ -146,7 +171,7 @@ class ChannelStats:
         values, where = rows.max(dim=1)  # first position of the max; NaN wins (and ranks last)
         total = rows.sum(dim=1)
         squares = torch.bmm(rows.unsqueeze(1), rows.unsqueeze(2)).view(-1)  # no (R, M) copy
-        self._histogram(rows, compiled)
+        self._histogram(rows, total, compiled)
         values, where = values.view(n, c), where.view(n, c)
         total, squares = total.view(n, c), squares.view(n, c)
         self.images += n
@@ -159,32 +184,65 @@ class ChannelStats:
             score = values if name == "max" else total / float(h * w)
             _merge_top(self.top[name], score.T, idx.T, loc.transpose(0, 1))
 
-    def _histogram(self, rows: torch.Tensor, compiled: bool) -> None:
+    def _histogram(self, rows: torch.Tensor, total: torch.Tensor, compiled: bool) -> None:
         """Count every value of ``rows`` (R = N x C rows of M values) into ``hist`` and
-        ``nan``, :data:`CHUNK` values at a time (a row longer than that is cut into pieces):
-        the int32 bin ids of one tile are all the extra memory the histogram needs."""
-        r, m = rows.shape
+        ``nan``. Compiled: one fused kernel that stores no bin id. Eager: :data:`CHUNK`
+        values at a time (a row longer than that is cut into pieces), so the bin ids of one
+        tile and their temporaries are all the extra memory, and stay in the cache."""
+        r = rows.shape[0]
         c, stride = self.channels, self.hist.shape[1] + 1  # value bins + the NaN bin
-        keys_of = _compiled_keys() if compiled else _keys
+        size = c * stride
         offsets = ((torch.arange(r, device=rows.device) % c) * stride).to(torch.int32)
         offsets = offsets.view(r, 1)
-        counts = torch.zeros(c * stride, dtype=torch.int64, device=rows.device)
-        if m <= CHUNK:
-            step = CHUNK // m
-            tiles = ((slice(s, s + step), slice(None)) for s in range(0, r, step))
+        if compiled:
+            counts = _compiled_counts()(rows, self.edges, self._pow2, offsets, size)
         else:
-            tiles = ((slice(s, s + 1), slice(t, t + CHUNK))
-                     for s in range(r) for t in range(0, m, CHUNK))
-        for row_part, col_part in tiles:
-            keys = keys_of(rows[row_part, col_part], self.edges, self._pow2,
-                           offsets[row_part]).view(-1)
-            if keys.device.type == "cpu":
-                counts += torch.bincount(keys, minlength=counts.shape[0])
-            else:  # bincount would sync with the host to size its output
-                counts.index_add_(0, keys, _ones(keys))
+            counts = self._eager_counts(rows, total, offsets, size)
         counts = counts.view(c, stride)
         self.hist += counts[:, :-1]
         self.nan += counts[:, -1]
+
+    def _eager_counts(self, rows: torch.Tensor, total: torch.Tensor, offsets: torch.Tensor,
+                      size: int) -> torch.Tensor:
+        r, m = rows.shape
+        counts = torch.zeros(size, dtype=torch.int64, device=rows.device)
+        on_cpu = rows.device.type == "cpu"
+        fast = self._pow2 and on_cpu  # on a GPU the exact kernel is cheap; no host sync
+        # Rows that can hold NaN: a NaN makes the row's sum NaN (so does +inf with -inf).
+        suspects = torch.isnan(total).nonzero().view(-1).tolist() if fast else []
+        if m <= CHUNK:
+            step = CHUNK // m
+            tiles = [(s, min(s + step, r), slice(None)) for s in range(0, r, step)]
+        else:
+            tiles = [(s, s + 1, slice(t, t + CHUNK)) for s in range(r) for t in range(0, m, CHUNK)]
+        for start, stop, cols in tiles:
+            tile = rows[start:stop, cols]
+            if fast:
+                keys = _fast_pow2_keys(tile, offsets[start:stop]).view(-1)
+            else:
+                keys = _keys(tile, self.edges, self._pow2, offsets[start:stop]).view(-1)
+            if on_cpu:
+                counts += torch.bincount(keys, minlength=size)
+            else:  # bincount would sync with the host to size its output
+                counts.index_add_(0, keys, _ones(keys))
+            first = bisect.bisect_left(suspects, start)
+            if first < len(suspects) and suspects[first] < stop:
+                self._move_nan(tile, offsets[start:stop].view(-1), counts)
+        return counts
+
+    def _move_nan(self, tile: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor
+                  ) -> None:
+        """Move the NaN that :func:`_fast_pow2_keys` put in the outer bins of ``tile``'s
+        rows to the NaN bin."""
+        bits = tile.view(torch.int32)
+        nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        high = (nan & (bits > 0)).sum(1)  # sign bit clear: counted in the last value bin
+        every = nan.sum(1)
+        offsets = offsets.long()
+        last = self.hist.shape[1] - 1
+        counts.index_add_(0, offsets + last, -high)
+        counts.index_add_(0, offsets, high - every)
+        counts.index_add_(0, offsets + last + 1, every)
 
     # ------------------------------------------------------------------ merge / state
 
