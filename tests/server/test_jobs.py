@@ -214,3 +214,36 @@ def test_sanity_check_job(jobs_app, tiny_loaded):
     bad = client.post("/api/jobs", params={"model": "tiny", "image": "sample:nope",
                                            "kind": "sanity"})
     assert bad.status_code == 404
+
+
+def test_running_job_reports_progress_and_stops_when_cancelled(jobs_app, monkeypatch):
+    """The library's progress callback reaches the job: the page sees how far a Score-CAM
+    is, and a cancel during the run stops it at the next batch (no map is cached)."""
+    from convscope.server import jobs
+
+    app, client = jobs_app
+    reached, release = threading.Event(), threading.Event()
+    original = jobs.Job.report
+
+    def report(self, phase, done, total):
+        original(self, phase, done, total)
+        if done == 0:  # the phase started: hold the run here
+            reached.set()
+            release.wait(30)
+
+    monkeypatch.setattr(jobs.Job, "report", report)
+    params = {"model": "tiny", "image": "sample:astronaut", "method": "scorecam", "target": 0}
+    job_id = client.post("/api/jobs", params=params).json()["id"]
+    try:
+        assert reached.wait(30)
+        running = client.get(f"/api/jobs/{job_id}").json()
+        assert running["status"] == "running"
+        assert running["progress"]["phase"] == "score-cam: masked passes"
+        assert running["progress"]["done"] == 0 and running["progress"]["total"] >= 1
+        assert client.delete(f"/api/jobs/{job_id}").json()["cancel_requested"]
+    finally:
+        release.set()
+    final = poll(client, job_id)
+    assert final["status"] == "cancelled" and final["error"] == "cancelled while running"
+    state = app.state.convscope
+    assert state.cams.get(("tiny", "sample:astronaut", "scorecam", None, 0)) is None

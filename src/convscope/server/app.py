@@ -343,7 +343,8 @@ def create_app(settings: Settings | None = None) -> Any:
             client, "sanity", ("sanity", name, image, method, target, steps), params,
             lambda: sanity_view(state, name, image, method, target, steps,
                                 cancelled=lambda: made.get("job") is not None
-                                and made["job"].cancel_requested))
+                                and made["job"].cancel_requested,
+                                progress=lambda *step: made["job"].report(*step)))
         return JSONResponse(job.as_dict(), status_code=202)
 
     @app.get("/api/jobs/{job_id}", summary="State of a job (poll until done)")

@@ -63,6 +63,17 @@ class Job:
     error: str | None = None
     result: Any = None
     cancel_requested: bool = False
+    #: The library's last progress report: phase, units done, total (None: unknown).
+    phase: str | None = None
+    done: int = 0
+    total: int | None = None
+
+    def report(self, phase: str, done: int, total: int | None) -> None:
+        """The ``progress`` callback the job's library call gets: records how far it is,
+        and stops the computation (by raising) once a cancel was asked for."""
+        if self.cancel_requested:
+            raise JobCancelledError("cancelled while running")
+        self.phase, self.done, self.total = phase, done, total
 
     @property
     def final(self) -> bool:
@@ -81,6 +92,8 @@ class Job:
         }
         if position is not None:
             out["position"] = position
+        if self.phase is not None:
+            out["progress"] = {"phase": self.phase, "done": self.done, "total": self.total}
         if self.error is not None:
             out["error"] = self.error
         if self.status == "done" and isinstance(self.result, dict):

@@ -287,7 +287,9 @@ def is_expensive(method: str) -> bool:
 
 def cam_heatmap(state: ServerState, model: str, image: str, method: str, target: int | None,
                 layer: str | None, client: str = "", job: bool = False,
-                cancelled: Callable[[], bool] | None = None) -> tuple[ForwardResult, Any]:
+                cancelled: Callable[[], bool] | None = None,
+                progress: Callable[[str, int, int | None], None] | None = None,
+                ) -> tuple[ForwardResult, Any]:
     """The cached ``convscope.cam`` map of one class, computed here for cheap methods.
 
     An expensive method (Score-CAM, Ablation-CAM) that is not cached yet is queued as a
@@ -318,7 +320,7 @@ def cam_heatmap(state: ServerState, model: str, image: str, method: str, target:
         if cancelled is not None and cancelled():
             raise JobCancelledError("cancelled before it started")
         return cam(loaded, result.x, layer=layer or None, target=target,
-                   method=method)[0].detach().cpu()
+                   method=method, progress=progress)[0].detach().cpu()
 
     def compute() -> Any:
         return entry.run(run_cam)
@@ -336,7 +338,8 @@ def cam_heatmap(state: ServerState, model: str, image: str, method: str, target:
         def work() -> None:
             cam_heatmap(state, model, image, method, target, layer, job=True,
                         cancelled=lambda: made.get("job") is not None
-                        and made["job"].cancel_requested)
+                        and made["job"].cancel_requested,
+                        progress=lambda *step: made["job"].report(*step))
 
         queued = made["job"] = state.jobs.submit(client, "cam", key, params, work)
         raise JobRequiredError(f"{method} runs as a job: poll /api/jobs/{queued.id}",
@@ -346,7 +349,9 @@ def cam_heatmap(state: ServerState, model: str, image: str, method: str, target:
 
 def sanity_view(state: ServerState, model: str, image: str, method: str,
                 target: int | None, steps: int,
-                cancelled: Callable[[], bool] | None = None) -> dict[str, Any]:
+                cancelled: Callable[[], bool] | None = None,
+                progress: Callable[[str, int, int | None], None] | None = None,
+                ) -> dict[str, Any]:
     """``convscope.sanity_check`` of a method on one image, as JSON (run from a job)."""
     from ..methods.sanity import sanity_check
 
@@ -358,7 +363,8 @@ def sanity_view(state: ServerState, model: str, image: str, method: str,
     def run() -> Any:
         if cancelled is not None and cancelled():
             raise JobCancelledError("cancelled before it started")
-        return sanity_check(loaded, result.x, method=method, target=target, steps=steps)
+        return sanity_check(loaded, result.x, method=method, target=target, steps=steps,
+                            progress=progress)
 
     report = entry.run(run)
     return report.as_dict()

@@ -384,7 +384,8 @@ async function runCamJob(camParams) {
     if (!job.cancel_requested) {
       text.textContent = job.status === "queued"
         ? `${state.method}: waiting (${job.position || 0} ahead)`
-        : `${state.method}: running ${job.running_s.toFixed(1)} s`;
+        : `${state.method}: running ${job.running_s.toFixed(1)} s` + (job.progress && job.progress.total
+          ? ` (${Math.round(100 * job.progress.done / job.progress.total)}%)` : "");
     }
     await new Promise((resolve) => setTimeout(resolve, 400));
     job = await getJSON("/api/jobs/" + encodeURIComponent(body.id));
@@ -399,8 +400,7 @@ async function runCamJob(camParams) {
 async function cancelCamJob() {
   if (!camJob) return;
   const id = camJob;
-  $("cam-job-text").textContent = `${state.method}: cancelling (a computation already ` +
-    "running finishes first)…";
+  $("cam-job-text").textContent = `${state.method}: cancelling…`;
   await fetch("/api/jobs/" + encodeURIComponent(id), { method: "DELETE" });
 }
 function updateCompare() {
