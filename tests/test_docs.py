@@ -92,7 +92,8 @@ def test_gen_docs_writes_real_results(tmp_path, monkeypatch):
     assert gen.main(["--out", str(tmp_path / "g"), "--skip-gallery"]) == 0
     out = tmp_path / "g"
     top5 = (out / "tutorial_top5.md").read_text().splitlines()
-    assert top5[2].split("|")[2].strip() == "Egyptian cat"  # the bundled model's top-1
+    # the bundled model's top 2 (Egyptian cat and tiger cat are 0.002 apart: BLAS orders them)
+    assert {row.split("|")[2].strip() for row in top5[2:4]} == {"Egyptian cat", "tiger cat"}
     for name in ("input.png", "activations_first_conv.png", "filters_first_conv.png"):
         assert (out / "tutorial" / name).stat().st_size > 1000
         assert f"generated/tutorial/{name}" in (out / "tutorial_figures.md").read_text()

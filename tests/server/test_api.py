@@ -54,8 +54,9 @@ def test_predictions_are_the_models(client, lite0, chelsea):
     rows = client.get("/api/predict", params={"image": CHELSEA, "k": 5}).json()
     expected = lite0.predict(lite0.preprocess(chelsea), k=5)[0]
     assert [r["index"] for r in rows] == [p.index for p in expected]
-    assert rows[0]["label"] == "Egyptian cat"
-    assert rows[0]["probability"] == pytest.approx(0.378, abs=2e-3)
+    # Egyptian cat (0.378) and tiger cat (0.376) are 0.002 apart: the order may follow BLAS.
+    assert {r["label"] for r in rows[:2]} == {"Egyptian cat", "tiger cat"}
+    assert rows[0]["probability"] == pytest.approx(0.378, abs=4e-3)
     assert [r["probability"] for r in rows] == pytest.approx([p.probability for p in expected],
                                                              abs=1e-5)
 
