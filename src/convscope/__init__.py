@@ -53,8 +53,15 @@ _EXPORTS: dict[str, str] = {
     # errors
     "ConvscopeError": "convscope.errors",
     "UnknownLayerError": "convscope.errors",
+    "InputSizeError": "convscope.layers",
+    "NoSpatialMapError": "convscope.spatial",
+    "GuidedBackpropError": "convscope.methods.guided",
+    "CaptureIntegrityError": "convscope.hooks",
+    # spatial maps of any layer (conv, channels-last, transformer tokens)
+    "spatial_maps": "convscope.spatial",
+    "spatial_layout": "convscope.spatial",
 }
-_SUBMODULES = {"plot", "atlas", "errors", "layers", "render", "methods", "models", "images",
+_SUBMODULES = {"plot", "atlas", "errors", "layers", "render", "methods", "models", "images", "spatial",
                "report", "server", "stats", "featvis"}
 
 __all__ = sorted([*_EXPORTS, "__version__"])

@@ -52,8 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("layers", help="list a model's layers with shapes and receptive fields")
     add_model_args(p, positional=True)
-    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
-                   help="input size (default: the model's, usually 3 224 224)")
+    p.add_argument("--input-size", type=int, nargs="+", metavar="N",
+                   help="input size as C H W or N C H W (default: the model's, usually "
+                        "3 224 224)")
     p.add_argument("--filter", help="show only layers matching this glob, e.g. 'features.*'")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.set_defaults(func=run_layers)
