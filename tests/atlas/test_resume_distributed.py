@@ -3,6 +3,7 @@ atlas of one uninterrupted single-process run."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -93,3 +94,83 @@ def test_two_gloo_processes_equal_one(image_folder, factory_dir, tmp_path):
     assert len(got.skipped) == 3
     assert (out / "crops" / "3" / "5.jpg").exists()
     _assert_same(got, _reference(factory_dir, image_folder, 5), exact=False)
+
+
+RANK_SCRIPT = '''
+import datetime, json, os, shutil, sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from convscope.atlas import build
+from convscope.models import load_model
+
+data, out, mode, report = sys.argv[1:5]
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=40))
+own = Path(out) / f"checkpoint-rank{rank}of2.pt"
+
+
+def keep_last_checkpoint(done, total, elapsed):
+    if rank == 1:  # a copy of rank 1's checkpoint after its last batch
+        shutil.copy(own, Path(out) / "saved-rank1.pt")
+
+
+atlas = build(load_model("tinyatlas:build", device="cpu"), data, ["0", "3"], topk=3,
+              batch_size=5, out=out, crops=False, resume=mode == "resume",
+              progress=keep_last_checkpoint if mode == "first" else None)
+Path(report, f"rank{rank}.json").write_text(json.dumps(
+    {"index": atlas.topk("3")[0].tolist(), "images": atlas.images}))
+dist.destroy_process_group()
+'''
+
+
+def _two_ranks(script: Path, args: list[str], factory_dir: Path, env_extra: dict[str, str]
+               ) -> list[subprocess.CompletedProcess]:
+    """Run ``script`` as ranks 0 and 1 of a gloo group; fail (never hang) past 150 s."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               WORLD_SIZE="2", OMP_NUM_THREADS="1", **env_extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(factory_dir), env.get("PYTHONPATH", "")])
+    procs = [subprocess.Popen([sys.executable, str(script), *args],
+                              env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    results = []
+    for proc in procs:
+        try:
+            stdout, stderr = proc.communicate(timeout=150)
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            pytest.fail("a rank hung: the ranks did not take the same decision")
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return results
+
+
+@pytest.mark.slow
+def test_ranks_decide_together_after_a_crash_between_checkpoint_removals(
+        image_folder, factory_dir, tmp_path):
+    """The atlas was written, rank 0 removed its checkpoint, rank 1 crashed before removing
+    its own. On --resume rank 0 sees a finished atlas and rank 1 a checkpoint: both must
+    take the same decision (return the finished atlas), not one returning while the other
+    waits for it in a collective."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    out, reports = tmp_path / "atlas", tmp_path / "reports"
+    reports.mkdir()
+    first = _two_ranks(script, [str(image_folder), str(out), "first", str(reports)],
+                       factory_dir, {"CONVSCOPE_ATLAS_CHECKPOINT_BATCHES": "1"})
+    assert [r.returncode for r in first] == [0, 0], first[0].stderr[-3000:] + first[1].stderr[-3000:]
+    assert not list(out.glob("checkpoint*"))
+    (out / "saved-rank1.pt").rename(out / "checkpoint-rank1of2.pt")  # the crash's leftover
+    for report in reports.iterdir():
+        report.unlink()
+    second = _two_ranks(script, [str(image_folder), str(out), "resume", str(reports)],
+                        factory_dir, {})
+    assert [r.returncode for r in second] == [0, 0], second[0].stderr[-3000:] + second[1].stderr[-3000:]
+    finished = Atlas.load(out)
+    for rank in (0, 1):
+        got = json.loads((reports / f"rank{rank}.json").read_text())
+        assert got["images"] == finished.images
+        assert got["index"] == finished.topk("3")[0].tolist()
+    assert not list(out.glob("checkpoint*"))  # the stale checkpoint is gone too
