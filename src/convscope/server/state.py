@@ -459,6 +459,7 @@ class ServerState:
         """One forward pass on the model's thread: kept activations and the top-10."""
         from ..hooks import capture
         from ..layers import first_tensor
+        from ..spatial import NoSpatialMapError
 
         loaded = entry.get()
 
@@ -475,6 +476,11 @@ class ServerState:
             self.forward_count += 1
             kept: dict[str, Any] = {}
             for name in acts:
+                try:  # one reading for every view: conv maps, channels-last, patch tokens
+                    kept[name] = acts.maps(name)[0]
+                    continue
+                except NoSpatialMapError:
+                    pass
                 value = first_tensor(acts[name])
                 if value is not None and value.dim() >= 2:
                     kept[name] = value[0]

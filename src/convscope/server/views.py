@@ -21,10 +21,7 @@ from .state import ForwardResult, ServerState, UnknownChannelError
 GRID_WIDTH = 640
 
 
-class NoSpatialMapError(ConvscopeError, ValueError):
-    """A layer whose output has no (C, H, W) map to draw (a flat vector)."""
-
-    exit_code = 2
+from ..spatial import NoSpatialMapError  # noqa: E402  (the one error for "no map to draw")
 
 
 class CamUnavailableError(ConvscopeError):
@@ -84,13 +81,22 @@ def models_view(state: ServerState) -> list[dict[str, Any]]:
 def layers_view(state: ServerState, model: str) -> list[dict[str, Any]]:
     """The layer table: name, type, output shape, receptive field, and whether the layer
     can be drawn (``spatial``) and has filters (``conv``)."""
+    from ..spatial import model_hints, spatial_layout
+
     entry = state.models[model]
-    modules = dict(entry.get().module.named_modules())
+    loaded = entry.get()
+    modules = dict(loaded.module.named_modules())
+    hints = model_hints(loaded.module)
     rows = []
     for info in entry.layer_table():
         row = info.as_dict()
         shape = info.output_shape
-        row["spatial"] = bool(shape) and len(shape) == 3
+        try:  # the same reading as every view: conv maps, channels-last, patch tokens
+            spatial_layout((1, *shape), model=hints, module=modules.get(info.name),
+                           input_hw=loaded.input_size[-2:], batch_size=1, name=info.name)
+            row["spatial"] = True
+        except (NoSpatialMapError, TypeError):
+            row["spatial"] = False
         row["conv"] = _is_conv(modules.get(info.name))
         row["parent"] = info.name.rsplit(".", 1)[0] if "." in info.name else ""
         row["hidden"] = info.type in HIDDEN_TYPES
