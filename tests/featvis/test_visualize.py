@@ -279,3 +279,17 @@ def test_save_writes_grid_pngs_values_and_index(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert vis.image(1).size == (32, 32)
+
+
+def test_channel_selections_and_objective_syntax():
+    from convscope.featvis.objectives import expand_channels, parse_objective
+
+    assert expand_channels("8-", 10, "x") == [8, 9]
+    assert expand_channels("1,3-4,1", 10, "x") == [1, 3, 4]
+    assert expand_channels("*", 3, "x") == [0, 1, 2]
+    spec = parse_objective("layer4.0.conv1:7@c,3")
+    assert (spec.layer, spec.channels, spec.y, spec.x, spec.unit) == ("layer4.0.conv1", "7", None, 3, True)
+    assert parse_objective("class:Egyptian cat").channels == "Egyptian cat"
+    for bad in ("layer4", "layer4:", "layer4:3@1", ":3"):
+        with pytest.raises(ObjectiveError, match="cannot read"):
+            parse_objective(bad)
