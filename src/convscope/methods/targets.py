@@ -202,27 +202,12 @@ def select_output(raw: Any, output: OutputSpec = None) -> torch.Tensor:
         return picked
     if isinstance(raw, torch.Tensor):
         return raw
-    if hasattr(raw, "logits") and isinstance(raw.logits, torch.Tensor):
-        return raw.logits
-    if isinstance(raw, dict):
-        for key in ("logits", "out", "output"):
-            if isinstance(raw.get(key), torch.Tensor):
-                return raw[key]
-        tensors = [v for v in raw.values() if isinstance(v, torch.Tensor)]
-        if len(tensors) == 1:
-            return tensors[0]
-        raise TargetError(
-            f"the model returned a dict with keys {', '.join(map(str, raw))}; pick the logits "
-            "with output='KEY'"
-        )
-    if isinstance(raw, (tuple, list)):
-        for value in raw:
-            if isinstance(value, torch.Tensor):
-                return value
-    raise TargetError(
-        f"cannot find the logits in a {type(raw).__name__} model output; pass output= "
-        "(an index, a key or a callable)"
-    )
+    from ..models import logits_of  # the one rule for where a model output keeps its logits
+
+    try:
+        return logits_of(raw)
+    except ConvscopeError as error:
+        raise TargetError(f"{error}; pass output= (an index, a key or a callable)") from None
 
 
 def unwrap_model(model: Any) -> tuple[torch.nn.Module, list[str] | None]:
