@@ -139,7 +139,9 @@ class Sum(Objective):
     """A weighted sum of objectives: ``sum(w_i * objective_i)``."""
 
     def __init__(self, terms: Sequence[tuple[float, Objective]]):
-        self.terms = [(float(w), o) for w, o in terms]
+        self.terms = [(float(w), _check_objective(o)) for w, o in terms]
+        if not self.terms:
+            raise ObjectiveError("a sum of objectives needs at least one term")
         self.needs_logits = any(o.needs_logits for _, o in self.terms)
         parts = []
         for i, (w, o) in enumerate(self.terms):
