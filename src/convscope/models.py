@@ -896,13 +896,19 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], list[str] | No
         raise CheckpointError(
             f"{path} does not contain a state_dict (a mapping of parameter names to tensors)"
         )
+    return _strip_wrappers(state), names
+
+
+def _strip_wrappers(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Keys without the prefixes DataParallel (``module.``) and torch.compile
+    (``_orig_mod.``) add."""
     cleaned = {}
     for key, value in state.items():
         for prefix in ("module.", "_orig_mod."):
             if key.startswith(prefix):
                 key = key[len(prefix):]
         cleaned[key] = value
-    return cleaned, names
+    return cleaned
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], list[str] | None]:
@@ -922,12 +928,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], list[str] | 
         value = json.loads(metadata.get("class_names", "null"))
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             names = value
-    cleaned = {}
-    for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        cleaned[key] = value
+    cleaned = _strip_wrappers(state)
     if not cleaned:
         raise CheckpointError(f"{path} holds no tensors")
     return cleaned, names
