@@ -13,8 +13,6 @@ import pytest
 from convscope.atlas import Atlas
 from convscope.cli.main import main
 
-pytest.importorskip("skimage")
-
 
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
@@ -98,5 +96,6 @@ def test_atlas_help_is_quick_and_lists_options():
     result = subprocess.run([sys.executable, "-m", "convscope", "atlas", "--help"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
-    for option in ("--topk", "--batch-size", "--workers", "--resume", "--force", "--device"):
+    for option in ("--topk", "--batch-size", "--workers", "--resume", "--force", "--device",
+                   "--fused"):
         assert option in result.stdout

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int, float], None]
 
 CHECKPOINT = "checkpoint{suffix}.pt"
+#: ``fused="auto"`` compiles runs of at least this many batches (all ranks together): the
+#: one-off compilation (a few seconds) is repaid by then.
+AUTO_COMPILE_BATCHES = {"cpu": 20, "cuda": 10}
 # Test hooks (environment): checkpoint every N batches; SIGKILL self after N batches.
 _ENV_CHECKPOINT_BATCHES = "CONVSCOPE_ATLAS_CHECKPOINT_BATCHES"
 _ENV_KILL_AFTER = "CONVSCOPE_ATLAS_KILL_AFTER"
@@ -578,7 +581,7 @@ def _choose_reduction(fused: str, batches: int, device: torch.device, recorded: 
     if recorded is not None:
         want = recorded
     elif fused == "auto":
-        want = batches >= (10 if device.type == "cuda" else 50)
+        want = batches >= AUTO_COMPILE_BATCHES.get(device.type, AUTO_COMPILE_BATCHES["cpu"])
     else:
         want = fused == "compile"
     ok, error = want, None

@@ -41,9 +41,11 @@ RANKINGS = ("max", "mean")
 PAD_INDEX = torch.iinfo(torch.int64).max
 
 
-#: Elements per histogram tile: the bin ids of one tile (int32) and the temporaries that
-#: make them stay in the CPU cache, and bound the histogram's extra memory (see
-#: docs/atlas.md) whatever the batch size.
+#: Values per eager histogram tile. The bin ids of a tile and their temporaries (about 25
+#: bytes per value, under 1 MB) are all the extra memory the eager histogram takes,
+#: whatever the batch size (docs/atlas.md). At most ATen's parallel grain (32768), so each
+#: op on a tile runs on one thread from the cache: bigger tiles wake the thread pool for
+#: every op, which costs far more than it saves, worst on a busy machine.
 CHUNK = 1 << 15
 
 

@@ -44,7 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
                    help="seconds between checkpoints (60)")
     p.add_argument("--fused", choices=["auto", "compile", "eager"], default="auto",
-                   help="reduction kernel: torch.compile'd single pass, eager, or auto (long runs compile)")
+                   help="histogram kernel: torch.compile'd, eager, or auto (runs of 20+ "
+                        "batches on CPU, 10+ on CUDA compile); chosen once per run by all "
+                        "processes; both give identical statistics")
     p.add_argument("--crop-size", type=int, default=64, help="pixels per crop tile (64)")
     p.add_argument("--no-crops", action="store_true", help="skip writing crops/")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
