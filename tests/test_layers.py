@@ -133,3 +133,17 @@ def test_overview_layers_follow_execution_order(vgg16, lite0):
     assert picked["first_conv"].name == "_conv_stem"
     assert (picked["first_activation"].name, picked["first_activation"].call) == ("_swish", 0)
     assert picked["last_conv"].name == "_conv_head"
+
+
+def test_layer_table_is_a_list_and_a_notebook_table(resnet18):
+    from convscope.layers import list_layers
+
+    table = list_layers(resnet18, (3, 64, 48))
+    assert isinstance(table, list) and len(table) == len(list(resnet18.named_modules())) - 1
+    rows = {row.name: row for row in table}
+    page = table._repr_html_()
+    assert page.count("<tr>") == len(table) + 1
+    rf = rows["layer4"].receptive_field
+    assert (f"<code>layer4</code></td><td>Sequential</td><td>512×2×2</td>" in page)
+    assert f"<td>{rf.size[0]}×{rf.size[1]}</td><td>32×32</td>" in page
+    assert f"{rows['fc'].params:,}" in page

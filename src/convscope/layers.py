@@ -211,7 +211,7 @@ def list_layers(
     *,
     example_input: torch.Tensor | None = None,
     device: torch.device | str | None = None,
-) -> list[LayerInfo]:
+) -> LayerTable:
     """Table of every submodule: name, type, output shape, parameters, receptive field.
 
     Runs one forward pass of a zero input of ``input_size`` ((C, H, W), or (N, C, H, W)) in
@@ -248,7 +248,7 @@ def list_layers(
             example_input = torch.zeros(_batch_shape(input_size), device=device, dtype=dtype)
         _trace(model, named, example_input, shapes, calls, fields)
 
-    return [
+    return LayerTable(
         LayerInfo(
             name=name,
             type=type(module).__name__,
@@ -259,7 +259,31 @@ def list_layers(
             call_fields=tuple(fields.get(name, [])),
         )
         for name, module in named
-    ]
+    )
+
+
+class LayerTable(list):
+    """The rows of :func:`list_layers`: a plain list of :class:`LayerInfo` that also shows
+    itself as a table in a notebook (``_repr_html_``)."""
+
+    def _repr_html_(self) -> str:
+        import html
+
+        head = ("<tr><th>layer</th><th>type</th><th>output</th><th>params</th>"
+                "<th>calls</th><th>receptive field</th><th>stride</th></tr>")
+        rows = []
+        for row in self:
+            rf = row.receptive_field
+            shape = "×".join(map(str, row.output_shape)) if row.output_shape else "—"
+            size = "×".join(map(str, rf.size)) if rf else ""
+            stride = "×".join(map(str, rf.stride)) if rf else ""
+            rows.append(
+                f"<tr><td><code>{html.escape(row.name)}</code></td>"
+                f"<td>{html.escape(row.type)}</td><td>{shape}</td>"
+                f'<td style="text-align:right">{row.params:,}</td>'
+                f'<td style="text-align:right">{row.calls}</td><td>{size}</td><td>{stride}</td></tr>'
+            )
+        return f"<table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 def _batch_shape(input_size: Sequence[int]) -> tuple[int, ...]:

@@ -88,3 +88,14 @@ def test_saliency_final_correlation_and_threshold(small) -> None:
     below = sanity_check(small, x, method="vanilla", steps=2, seed=3, threshold=abs(expected) - 0.02)
     assert above.passed and "PASS" in above.table()
     assert not below.passed and "FAIL" in below.table()
+
+
+def test_sanity_report_notebook_view():
+    from convscope.methods.sanity import SanityReport, SanityStep
+
+    report = SanityReport(method="gradcam", layer="layer4", threshold=0.5, steps=[
+        SanityStep(1, "fc", 1, 0.9), SanityStep(2, "layer4.1 .. layer1.0", 40, float("nan"))])
+    page = report._repr_html_()
+    assert "<strong>PASS</strong>" in page and "+0.000" in page  # NaN counts as 0
+    assert "<td>+0.900</td>" in page and "n/a (constant map)" in page
+    assert page.count("<tr>") == 3

@@ -70,6 +70,25 @@ class SanityReport:
                      f"({'<' if self.passed else '>='} {self.threshold})")
         return "\n".join(lines)
 
+    def _repr_html_(self) -> str:
+        """Notebook view: the steps as a table and the verdict."""
+        import html
+
+        rows = "".join(
+            f"<tr><td>{row.step}</td><td><code>{html.escape(row.layers)}</code></td>"
+            f"<td>{row.randomized}</td><td>"
+            + ("n/a (constant map)" if math.isnan(row.spearman) else f"{row.spearman:+.3f}")
+            + "</td></tr>"
+            for row in self.steps
+        )
+        verdict = "PASS" if self.passed else "FAIL"
+        where = f" at <code>{html.escape(self.layer)}</code>" if self.layer else ""
+        return (f"<p>sanity check for {html.escape(self.method)}{where}: <strong>{verdict}"
+                f"</strong>, final rank correlation {self.final:+.3f} "
+                f"({'&lt;' if self.passed else '&ge;'} {self.threshold})</p><table><thead><tr>"
+                "<th>step</th><th>randomised (top-down, up to)</th><th>modules</th>"
+                f"<th>spearman</th></tr></thead><tbody>{rows}</tbody></table>")
+
     def as_dict(self) -> dict[str, Any]:
         return {"method": self.method, "layer": self.layer, "passed": self.passed,
                 "final": self.final, "steps": [vars(s) for s in self.steps]}
