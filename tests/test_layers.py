@@ -144,6 +144,6 @@ def test_layer_table_is_a_list_and_a_notebook_table(resnet18):
     page = table._repr_html_()
     assert page.count("<tr>") == len(table) + 1
     rf = rows["layer4"].receptive_field
-    assert (f"<code>layer4</code></td><td>Sequential</td><td>512×2×2</td>" in page)
+    assert "<code>layer4</code></td><td>Sequential</td><td>512×2×2</td>" in page
     assert f"<td>{rf.size[0]}×{rf.size[1]}</td><td>32×32</td>" in page
     assert f"{rows['fc'].params:,}" in page
