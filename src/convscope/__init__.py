@@ -50,6 +50,8 @@ _EXPORTS: dict[str, str] = {
     "visualize": "convscope.featvis",
     "Visualization": "convscope.featvis",
     "channel_summary": "convscope.featvis",
+    # notebooks
+    "show": "convscope.notebook",
     # errors
     "ConvscopeError": "convscope.errors",
     "UnknownLayerError": "convscope.errors",
@@ -61,7 +63,7 @@ _EXPORTS: dict[str, str] = {
     "spatial_maps": "convscope.spatial",
     "spatial_layout": "convscope.spatial",
 }
-_SUBMODULES = {"plot", "atlas", "errors", "layers", "render", "methods", "models", "images", "spatial",
+_SUBMODULES = {"plot", "atlas", "errors", "layers", "render", "methods", "models", "images", "spatial", "notebook",
                "report", "server", "stats", "featvis"}
 
 __all__ = sorted([*_EXPORTS, "__version__"])
