@@ -3,7 +3,7 @@
 :class:`ChannelStats` keeps, for one layer, O(channels x (k + histogram bins)) numbers on the
 device where the activations are made. Each batch is read by :meth:`ChannelStats.update`:
 per (image, channel) row its max with position, sum and sum of squares (plain reductions
-over the whole batch, no temporaries), and every value's histogram bin, computed tile by
+over the whole batch, no temporaries; the sum of squares is the squared 2-norm), and every value's histogram bin, computed tile by
 tile (:data:`CHUNK` values at a time, so the bin ids never cost more than a few hundred KB
 and stay in the cache) either eagerly or by one ``torch.compile``-d kernel. The two paths
 share every floating-point operation and differ only in how integer bin ids are made, so
@@ -172,7 +172,9 @@ class ChannelStats:
             rows = rows.float().contiguous()
         values, where = rows.max(dim=1)  # first position of the max; NaN wins (and ranks last)
         total = rows.sum(dim=1)
-        squares = torch.bmm(rows.unsqueeze(1), rows.unsqueeze(2)).view(-1)  # no (R, M) copy
+        # Sum of squares as the squared 2-norm: one vectorised pass, no (R, M) temporary
+        # (several times faster than a batched dot product on CPU).
+        squares = torch.linalg.vector_norm(rows, dim=1).square()
         self._histogram(rows, total, compiled)
         values, where = values.view(n, c), where.view(n, c)
         total, squares = total.view(n, c), squares.view(n, c)
