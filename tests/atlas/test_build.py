@@ -420,3 +420,33 @@ def test_resume_refuses_other_preprocessing_and_keeps_its_reduction(tiny_loaded,
         for key, value in whole.stats(layer).items():
             np.testing.assert_array_equal(resumed.stats(layer)[key], value, err_msg=key)
         np.testing.assert_array_equal(resumed.histogram(layer)[0], whole.histogram(layer)[0])
+
+
+def test_one_reduction_per_run_chosen_from_the_whole_run(monkeypatch):
+    """auto counts the batches of the whole run (not those left after a resume); a
+    resumed run keeps its checkpoint's reduction; a failed compile is an error only when
+    asked for explicitly."""
+    import importlib
+
+    build_module = importlib.import_module("convscope.atlas.build")
+    probes: list[str] = []
+    monkeypatch.setattr(build_module, "_probe_compile", lambda device: probes.append("ok"))
+    choose = build_module._choose_reduction
+    cpu = torch.device("cpu")
+    threshold = build_module.AUTO_COMPILE_BATCHES["cpu"]
+    assert choose("auto", threshold - 1, cpu, None, 1) is False
+    assert choose("auto", threshold, cpu, None, 1) is True
+    assert choose("eager", 10**6, cpu, None, 1) is False
+    assert choose("auto", 1, cpu, True, 1) is True  # resumed: the recorded reduction
+    assert choose("compile", 10**6, cpu, False, 1) is False
+    assert probes == ["ok", "ok"]
+
+    def broken(device):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(build_module, "_probe_compile", broken)
+    assert choose("auto", threshold, cpu, None, 1) is False
+    with pytest.raises(build_module.AtlasError, match="no compiler"):
+        choose("compile", 1, cpu, None, 1)
+    source = build_module._Source(None, [f"item[{i}]" for i in range(41)], None, "x", (3, 8, 8))
+    assert build_module._batch_count(source, 20) == 3
