@@ -349,3 +349,26 @@ def test_job_progress_and_cancel(browser, served):
     assert "method=scorecam" not in (page.locator("#cam-img").get_attribute("data-url") or "")
     assert errors == []
     page.close()
+
+
+def test_channel_visualisation_button(browser, server_url):
+    """The channel panel's 'Visualise' runs a job, then shows the library's picture; the
+    next visit to that channel shows it at once."""
+    page, errors = open_page(browser, server_url +
+                             "/#model=random&image=sample:chelsea&layer=features.0")
+    wait_image(page, "grid-img", "layer=features.0")
+    page.locator("#grid-img").click(position={"x": 3, "y": 3})
+    page.wait_for_selector("#vis-box:not([hidden])")
+    assert page.locator("#vis-img").is_hidden()
+    page.click("#vis-run")
+    wait_image(page, "vis-img", "layer=features.0")
+    assert shot(page, "#vis-img").std() > 5
+    channel = page.evaluate("new URLSearchParams(location.hash.slice(1)).get('channel')")
+    cached = page.evaluate(
+        "fetch('/api/visualization.png?' + new URLSearchParams({model: 'random', "
+        f"layer: 'features.0', channel: '{channel}', start: 'false'}})).then(r => r.status)")
+    assert cached == 200
+    page.reload()
+    wait_image(page, "vis-img", f"channel={channel}")  # known: shown without the button
+    assert errors == []
+    page.close()

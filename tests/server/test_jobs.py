@@ -247,3 +247,31 @@ def test_running_job_reports_progress_and_stops_when_cancelled(jobs_app, monkeyp
     assert final["status"] == "cancelled" and final["error"] == "cancelled while running"
     state = app.state.convscope
     assert state.cams.get(("tiny", "sample:astronaut", "scorecam", None, 0)) is None
+
+
+def test_channel_visualisation_is_a_job_then_the_library_picture(tiny_loaded):
+    """The channel panel's feature visualisation: queued as a job with progress, then the
+    cached PNG equals convscope.visualize's image; out-of-range channels are refused."""
+    from fastapi.testclient import TestClient
+
+    from convscope import visualize
+    from convscope.server import Settings, create_app
+
+    settings = Settings(models={"tiny": tiny_loaded}, vis_steps=6, vis_size=32)
+    params = {"model": "tiny", "layer": "features.0", "channel": 1}
+    with TestClient(create_app(settings), base_url=LOCAL) as client:
+        assert client.get("/api/visualization.png", params={**params, "start": False}
+                          ).status_code == 204
+        queued = client.get("/api/visualization.png", params=params)
+        assert queued.status_code == 202
+        job = poll(client, queued.json()["job"]["id"])
+        assert job["status"] == "done" and job["kind"] == "visualize"
+        assert job["progress"] == {"phase": "visualization: steps", "done": 6, "total": 6}
+        got = png(client.get("/api/visualization.png", params={**params, "start": False}))
+        status = client.get("/api/status").json()["caches"]["visualizations"]
+        assert status["entries"] == 1
+        bad = client.get("/api/visualization.png", params={**params, "channel": 999})
+        assert bad.status_code in (400, 404, 422) and "out of range" in bad.text
+    expected = visualize(tiny_loaded, "features.0:1", steps=6, size=32, progress=False)
+    image = (expected.images[0].permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255)
+    assert np.abs(got.astype(int) - image.astype(np.uint8).astype(int)).max() <= 1

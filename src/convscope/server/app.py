@@ -40,6 +40,7 @@ from .views import (
     png_bytes,
     predictions_view,
     sanity_view,
+    visualization_png,
 )
 
 log = logging.getLogger(__name__)
@@ -316,6 +317,18 @@ def create_app(settings: Settings | None = None) -> Any:
         result, heatmap = cam_heatmap(state, model_name(model), image, method, target,
                                       layer or None, client=client_of(request))
         return png(overlay(result.display, heatmap, alpha=alpha, cmap=cmap))
+
+    @app.get("/api/visualization.png", response_class=Response,
+             summary="Feature visualisation of a channel (a job the first time: 202)")
+    def api_visualization_png(
+        request: Request, layer: Layer, channel: Channel, model: Model = None,
+        start: Annotated[bool, Query(description="false: 204 unless already computed")] = True,
+    ) -> Response:
+        data = visualization_png(state, model_name(model), layer, channel,
+                                 client=client_of(request), start=start)
+        if data is None:
+            return Response(status_code=204)
+        return Response(data, media_type="image/png", headers=CACHE_HEADERS)
 
     @app.post("/api/jobs", summary="Start expensive work (Score-/Ablation-CAM, sanity check)",
               status_code=202, responses={429: {"description": "queue full: Retry-After"}})

@@ -48,6 +48,13 @@ class Settings:
     max_jobs: int = 4
     max_jobs_per_client: int = 2
     job_ttl: float = 600.0
+    #: Feature visualisations of a channel (``convscope.visualize``, always a job): the
+    #: optimisation steps and image size (kept small: a CPU does 128 steps at 128 px in
+    #: seconds), and how many PNGs are kept, in entries and bytes.
+    vis_steps: int = 128
+    vis_size: int = 128
+    vis_entries: int = 256
+    vis_bytes: int = 32 * 1024 * 1024
     #: Host header values answered (DNS rebinding defence). None: the loopback names when
     #: bound to a loopback address, else any host (then set a token). "*" allows any.
     allowed_hosts: list[str] | None = None

@@ -427,6 +427,8 @@ class ServerState:
         self.cams: LRUCache[Any] = LRUCache(settings.cam_entries, settings.cam_bytes,
                                             size=_heatmap_bytes)
         self.jobs = JobQueue(settings.max_jobs, settings.max_jobs_per_client, settings.job_ttl)
+        self.visuals: LRUCache[bytes] = LRUCache(settings.vis_entries, settings.vis_bytes,
+                                                 size=len)
         self.forward_count = 0
         self.atlas: Any = None
         if settings.atlas is not None:
@@ -512,7 +514,7 @@ class ServerState:
             "forward_passes": self.forward_count,
             "caches": {"uploads": self.images.uploads.status(),
                        "forwards": self.forwards.status(),
-                       "cams": self.cams.status()},
+                       "cams": self.cams.status(), "visualizations": self.visuals.status()},
             "jobs": self.jobs.status(),
             "atlas": self.atlas is not None,
         }

@@ -423,3 +423,60 @@ def atlas_crops_path(state: ServerState, layer: str, channel: int) -> Path | Non
     if not path.is_relative_to(root) or not path.is_file():
         return None
     return path
+
+
+def visualization_png(state: ServerState, model: str, layer: str, channel: int,
+                      client: str = "", job: bool = False,
+                      progress: Callable[[str, int, int | None], None] | None = None,
+                      start: bool = True) -> bytes | None:
+    """PNG of the feature visualisation of one channel (``convscope.visualize``), cached.
+
+    Not cached yet: queued as a job and :class:`JobRequiredError` raised (``job=True``:
+    computed here, from the job, with ``progress`` hearing of every step; ``start=False``:
+    None instead)."""
+    from ..featvis import visualize
+    from ..spatial import model_hints, spatial_layout
+
+    settings = state.settings
+    key = ("vis", model, layer, channel, settings.vis_steps, settings.vis_size)
+    found = state.visuals.get(key)
+    if found is not None:
+        return found
+    entry = state.models[model]
+    info = entry.layer_info(layer)  # unknown names raise with suggestions
+    loaded = entry.get()
+    shape = info.output_shape
+    if not shape:
+        raise NoSpatialMapError(f"layer {layer!r} produced no tensor output")
+    layout = spatial_layout((1, *shape), model=model_hints(loaded.module),
+                            module=dict(loaded.module.named_modules()).get(layer),
+                            input_hw=loaded.input_size[-2:], batch_size=1, name=layer)
+    if not 0 <= channel < layout.channels:
+        raise UnknownChannelError(
+            f"channel {channel} out of range: {layer} has {layout.channels} channels")
+    if not start:
+        return None
+    if not job:
+        params = {"model": model, "layer": layer, "channel": channel}
+        made: dict[str, Any] = {}
+
+        def work() -> None:
+            visualization_png(state, model, layer, channel, job=True,
+                              progress=lambda *step: made["job"].report(*step))
+
+        queued = made["job"] = state.jobs.submit(client, "visualize", key, params, work)
+        raise JobRequiredError(f"the visualisation runs as a job: poll /api/jobs/{queued.id}",
+                               queued.as_dict())
+
+    def run() -> bytes:
+        def heard(done: int, total: int) -> None:
+            if progress is not None:
+                progress("visualization: steps", done, total)
+
+        from ..render.convert import to_pil
+
+        result = visualize(loaded, f"{layer}:{channel}", steps=settings.vis_steps,
+                           size=settings.vis_size, progress=heard)
+        return png_bytes(to_pil(result.images[0]))
+
+    return state.visuals.get_or_compute(key, lambda: entry.run(run))

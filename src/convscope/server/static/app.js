@@ -292,6 +292,7 @@ async function updateChannel() {
   if (info.inactive) {
     table.insertRow().insertCell().textContent = "inactive on this image (never positive here)";
   }
+  showVisualization();
   const filterImg = $("filter-img");
   $("filter-title").hidden = filterImg.hidden = !info.conv;
   if (info.conv) {
@@ -397,6 +398,54 @@ async function runCamJob(camParams) {
   box.hidden = true;
   setImage($("cam-img"), "/api/cam.png?" + camParams);
 }
+// Feature visualisation of the selected channel: a job the first time (progress shown),
+// then the cached PNG. The button starts it; a channel already visualised shows at once.
+let visJob = null;
+function visURL() {
+  return "/api/visualization.png?" + new URLSearchParams({
+    model: state.model, layer: state.layer, channel: state.channel }).toString();
+}
+async function showVisualization() {
+  const url = visURL(), img = $("vis-img"), text = $("vis-text");
+  $("vis-title").hidden = $("vis-box").hidden = false;
+  img.hidden = true;
+  text.textContent = "";
+  const known = await fetch(url + "&start=false").catch(() => null);
+  if (known && known.status === 200 && visURL() === url) { img.hidden = false; setImage(img, url); }
+}
+async function runVisualization() {
+  const url = visURL(), img = $("vis-img"), text = $("vis-text");
+  text.textContent = "starting…";
+  let response = await fetch(url);
+  if (response.status === 429) {
+    text.textContent = "busy: try again in " + (response.headers.get("Retry-After") || 5) + " s";
+    return;
+  }
+  if (response.status === 202) {
+    const job = (await response.json()).job;
+    visJob = job.id;
+    let now = job;
+    while (visJob === job.id && !["done", "failed", "cancelled"].includes(now.status)) {
+      text.textContent = now.status === "queued" ? `waiting (${now.position || 0} ahead)`
+        : "optimising" + (now.progress && now.progress.total
+          ? ` ${Math.round(100 * now.progress.done / now.progress.total)}%` : "…");
+      await new Promise((resolve) => setTimeout(resolve, 400));
+      now = await getJSON("/api/jobs/" + encodeURIComponent(job.id));
+    }
+    if (visJob !== job.id) return;
+    visJob = null;
+    if (now.status !== "done") { text.textContent = now.error || now.status; return; }
+  } else if (!response.ok) {
+    const body = await response.json().catch(() => ({}));
+    text.textContent = body.detail || response.statusText;
+    return;
+  }
+  if (visURL() !== url) return;  // the view moved on
+  text.textContent = "";
+  img.hidden = false;
+  setImage(img, url);
+}
+$("vis-run").addEventListener("click", () => guarded(runVisualization));
 async function cancelCamJob() {
   if (!camJob) return;
   const id = camJob;
