@@ -82,7 +82,7 @@ def _cli_run(folder: Path, out: Path, layers: list[str], procs: int) -> tuple[fl
     if procs > 1:
         launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={procs}",
                      "--master_port=29533"]
-    command = [*launcher, "-m", "convscope", "-v", "atlas", str(folder), "--layers", *layers,
+    command = [*launcher, "-m", "convscope", "-v", "atlas", str(folder), *[flag for layer in layers for flag in ("-l", layer)],
                "--batch-size", str(BATCH), "--workers", str(WORKERS), "--fused", "eager",
                "--device", "cpu", "--out", str(out), "--force", "--quiet"]
     start = time.perf_counter()

@@ -151,7 +151,7 @@ def _layer_options() -> dict[str, object]:
 # Commands whose -l is wired to cli.common.add_layer_args. A command that still has its
 # own -l (a single value, or nargs="+" that swallows a following positional) is listed in
 # NOT_YET_CONSISTENT; the strict xfail fails as soon as it is fixed, so the list shrinks.
-NOT_YET_CONSISTENT = {"atlas"}
+NOT_YET_CONSISTENT: set[str] = set()
 
 
 @pytest.mark.parametrize("command", sorted(

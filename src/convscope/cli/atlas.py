@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any
 
-from .common import add_model_args
+from .common import add_json_arg, add_layer_args, add_model_args, add_quiet_arg
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,8 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("data", help="image folder (recursive; class sub-folders become labels) "
                                 "or a text file listing one image path per line")
     add_model_args(p)
-    p.add_argument("--layers", "-l", nargs="+", action="extend", required=True,
-                   help="dotted names or globs, e.g. _conv_head '_blocks.1[0-5]'")
+    add_layer_args(p, required=True, help="layer to record, e.g. _conv_head or '_blocks.1[0-5]'")
     p.add_argument("--topk", "-k", type=int, default=9, help="examples per channel (9)")
     p.add_argument("--rank-by", nargs="+", choices=["max", "mean"], default=["max"],
                    help="rank images by the channel's spatial max (default) and/or mean")
@@ -49,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "processes; both give identical statistics")
     p.add_argument("--crop-size", type=int, default=64, help="pixels per crop tile (64)")
     p.add_argument("--no-crops", action="store_true", help="skip writing crops/")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    add_quiet_arg(p)
+    add_json_arg(p, "the summary (images, skipped, layers, dead channels per layer)")
     p.set_defaults(func=run_atlas)
 
 
@@ -107,15 +107,25 @@ def run_atlas(args: argparse.Namespace) -> int:
             progress=_Progress(world, enabled=not args.quiet and rank == 0),
         )
         if rank == 0:
-            _summary(atlas, args.out)
+            _summary(atlas, args.out, as_json=args.json)
     finally:
         if started_group:
             torch.distributed.destroy_process_group()
     return 0
 
 
-def _summary(atlas: Any, out: str) -> None:
+def _summary(atlas: Any, out: str, *, as_json: bool = False) -> None:
     dead = sum(len(atlas.dead(layer)) for layer in atlas.layers)
+    if as_json:
+        import json
+
+        json.dump({
+            "out": out, "index_html": f"{out}/index.html", "images": len(atlas.images),
+            "skipped": atlas.skipped, "layers": list(atlas.layers),
+            "dead": {layer: [int(c) for c in atlas.dead(layer)] for layer in atlas.layers},
+        }, sys.stdout, indent=1)
+        print()
+        return
     print(f"atlas of {len(atlas.images)} images ({len(atlas.skipped)} skipped), "
           f"{len(atlas.layers)} layers, {dead} dead channels -> {out}/index.html")
     for entry in atlas.skipped[:10]:
