@@ -64,7 +64,7 @@ def _assert_same(got: Atlas, want: Atlas, exact: bool) -> None:
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(image_folder, factory_dir, tmp_path):
     out = tmp_path / "atlas"
-    args = ["atlas", str(image_folder), "--model", "tinyatlas:build", "--layers", *LAYERS,
+    args = ["atlas", str(image_folder), "--model", "tinyatlas:build", *[f for layer in LAYERS for f in ("-l", layer)],
             "--topk", "3", "--batch-size", "3", "--workers", "0", "--no-crops", "--quiet",
             "--device", "cpu", "--out", str(out)]
     killed = _cli(args, factory_dir, {"CONVSCOPE_ATLAS_CHECKPOINT_BATCHES": "2",
@@ -84,7 +84,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(image_folder, factory_di
 def test_two_gloo_processes_equal_one(image_folder, factory_dir, tmp_path):
     out = tmp_path / "atlas"
     # 20 listed files, 2 shards of 10, batches of 5: the same batches as one process.
-    run = _cli(["atlas", str(image_folder), "--model", "tinyatlas:build", "--layers", *LAYERS,
+    run = _cli(["atlas", str(image_folder), "--model", "tinyatlas:build", *[f for layer in LAYERS for f in ("-l", layer)],
                 "--topk", "3", "--batch-size", "5", "--workers", "0", "--device", "cpu",
                 "--crop-size", "8", "--out", str(out)], factory_dir, torchrun=True)
     assert run.returncode == 0, run.stdout + run.stderr

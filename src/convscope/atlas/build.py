@@ -250,6 +250,9 @@ def _layer_infos(loaded: LoadedModel, modules: dict[str, nn.Module],
     with preserve_training(loaded.module):
         table = {info.name: info for info in
                  list_layers(loaded.module, input_size, device=loaded.device)}
+    from convscope.spatial import NoSpatialMapError, model_hints, spatial_layout
+
+    hints = model_hints(loaded.module)
     infos = {}
     for name in modules:
         info = table[name]
@@ -260,18 +263,31 @@ def _layer_infos(loaded: LoadedModel, modules: dict[str, nn.Module],
                 f"layer {name!r} runs {info.calls} times per forward pass; an atlas records "
                 "layers that run once (select the modules of each call instead)"
             )
-        if len(info.output_shape) not in (1, 3):
-            raise AtlasError(
-                f"layer {name!r} outputs shape {info.output_shape}; an atlas needs "
-                "(C, H, W) feature maps or (C,) vectors"
-            )
-        shape = list(info.output_shape) + [1, 1] * (len(info.output_shape) == 1)
+        layout = None
+        if len(info.output_shape) == 1:
+            shape = [*info.output_shape, 1, 1]
+        else:  # the one spatial reading: conv maps, channels-last, transformer tokens
+            try:
+                found = spatial_layout((1, *info.output_shape), model=hints,
+                                       module=modules[name], input_hw=input_size[-2:],
+                                       batch_size=1, name=name)
+            except NoSpatialMapError as error:
+                raise AtlasError(
+                    f"layer {name!r} outputs shape {info.output_shape}; an atlas needs "
+                    f"spatial maps or (C,) vectors ({error})"
+                ) from None
+            shape = [found.channels, *found.grid]
+            if found.kind != "nchw":
+                layout = {"kind": found.kind, "grid": list(found.grid),
+                          "channels": found.channels, "prefix": found.prefix}
         rf = info.receptive_field
         infos[name] = {
             "name": name, "type": info.type, "shape": shape,
             "receptive_field": None if rf is None else
             {"size": list(rf.size), "stride": list(rf.stride), "start": list(rf.start)},
         }
+        if layout is not None:  # only then, so fingerprints of conv atlases stay as they were
+            infos[name]["layout"] = layout
     return infos
 
 
@@ -435,8 +451,16 @@ class _Run:
         kill_after = int(os.environ.get(_ENV_KILL_AFTER, "0") or 0)
         current: dict[str, torch.Tensor] = {}
 
+        from convscope.spatial import SpatialLayout
+
+        layouts = {name: SpatialLayout(info["layout"]["kind"], tuple(info["layout"]["grid"]),
+                                       info["layout"]["channels"], info["layout"]["prefix"])
+                   for name, info in self.infos.items() if "layout" in info}
+
         def hook(name: str, _module: nn.Module, _inputs: tuple, output: Any) -> None:
             value = output[0] if isinstance(output, (tuple, list)) else output
+            if name in layouts:  # channels-last or tokens, read as (N, C, H, W) maps
+                value = layouts[name].apply(value)
             self.stats[name].update(value, current["indices"], compiled=compiled)
 
         device = self.loaded.device
