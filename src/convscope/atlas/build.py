@@ -505,9 +505,14 @@ class _Run:
     position_images = 0  # images seen through a user DataLoader (indices for its items)
 
     def _record_predictions(self, output: Any, indices: torch.Tensor) -> None:
-        if isinstance(output, (tuple, list)):
-            output = output[0]
-        if not isinstance(output, torch.Tensor) or output.dim() != 2:
+        from convscope.errors import ConvscopeError
+        from convscope.models import logits_of
+
+        try:  # tensors, Hugging Face ModelOutputs, dicts and tuples alike
+            output = logits_of(output)
+        except ConvscopeError:
+            return  # no logits (a feature extractor): the atlas keeps no predictions
+        if output.dim() != 2:
             return
         probs = torch.softmax(output.float(), dim=1)
         prob, cls = probs.max(dim=1)
