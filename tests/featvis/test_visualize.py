@@ -178,7 +178,7 @@ def test_the_callers_model_is_left_exactly_as_it_was():
 def test_progress_callback_sees_every_step():
     seen: list[tuple[int, int]] = []
     _vis(_net(), ["0:0", "0:1", "0:2"], steps=4, batch_size=2,
-         progress=lambda done, total: seen.append((done, total)))
+         progress=lambda phase, done, total: seen.append((done, total)))
     assert seen == [(i, 8) for i in range(1, 9)]
 
 

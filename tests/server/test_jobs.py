@@ -266,7 +266,7 @@ def test_channel_visualisation_is_a_job_then_the_library_picture(tiny_loaded):
         assert queued.status_code == 202
         job = poll(client, queued.json()["job"]["id"])
         assert job["status"] == "done" and job["kind"] == "visualize"
-        assert job["progress"] == {"phase": "visualization: steps", "done": 6, "total": 6}
+        assert job["progress"] == {"phase": "visualize: steps", "done": 6, "total": 6}
         got = png(client.get("/api/visualization.png", params={**params, "start": False}))
         status = client.get("/api/status").json()["caches"]["visualizations"]
         assert status["entries"] == 1

@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import Any
 
-from .common import add_model_args, channels_arg, load_model_from_args
+from .common import (
+    add_layer_args,
+    add_model_args,
+    add_quiet_arg,
+    channels_arg,
+    load_model_from_args,
+)
+from .progress import bar
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,8 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "grid.png, NNN_<objective>.png, values.json and index.html.",
     )
     add_model_args(p)
-    p.add_argument("--layer", "-l", action="append", default=[],
-                   help="layer name or glob; one image per selected channel (repeatable)")
+    add_layer_args(p, help="layer whose channels to visualise, one image per selected channel")
     p.add_argument("--channels", type=channels_arg, default=None,
                    help="channels of each --layer: count (16 = the first 16), range (0-63), "
                         "list (1,5,9) or slice (8:); default all")
@@ -41,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="random views per step (standard)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default per --param)")
     p.add_argument("--cols", type=int, help="tiles per row of grid.png")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    add_quiet_arg(p)
     p.set_defaults(func=run_visualize)
 
 
@@ -63,32 +68,12 @@ def channel_objectives(layers: list[str], channels: Any) -> list[str]:
     return [f"{layer}:{selection}" for layer in layers]
 
 
-class _Progress:
-    """``visualize: 120/512 steps  3.1 steps/s  ETA 2:04`` on stderr, at most every 2 s."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.start = time.monotonic()
-        self.last = 0.0
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if not self.enabled or (now - self.last < 2.0 and done < total):
-            return
-        self.last = now
-        elapsed = now - self.start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = int((total - done) / rate) if rate > 0 else 0
-        print(f"visualize: {done}/{total} steps  {rate:.1f} steps/s  ETA {eta // 60}:{eta % 60:02d}",
-              file=sys.stderr, flush=True)
-
-
 def run_visualize(args: argparse.Namespace) -> int:
     """``convscope visualize``."""
     from convscope.featvis import visualize
 
     try:
-        objectives = channel_objectives(args.layer, args.channels) + list(args.objective)
+        objectives = channel_objectives(args.layers or [], args.channels) + list(args.objective)
     except argparse.ArgumentTypeError as error:
         print(f"convscope visualize: error: {error}", file=sys.stderr)
         return 2
@@ -98,9 +83,10 @@ def run_visualize(args: argparse.Namespace) -> int:
         return 2
     model = load_model_from_args(args)
     size = args.size or model.input_size[-1]
-    vis = visualize(model, objectives, steps=args.steps, size=size, seed=args.seed,
-                    batch_size=args.batch_size, param=args.param, transforms=args.transforms,
-                    lr=args.lr, progress=_Progress(not args.quiet))
+    with bar(args, unit="steps") as progress:
+        vis = visualize(model, objectives, steps=args.steps, size=size, seed=args.seed,
+                        batch_size=args.batch_size, param=args.param,
+                        transforms=args.transforms, lr=args.lr, progress=progress)
     folder = vis.save(args.out, title=f"Feature visualisations of {model.name}")
     if args.cols:
         vis.grid(args.cols).save(folder / "grid.png")

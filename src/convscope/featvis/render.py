@@ -53,7 +53,10 @@ log = logging.getLogger(__name__)
 #: (forward outputs of one image times three, for what backpropagation keeps).
 DEFAULT_BATCH_BYTES = 2 * 2**30
 
-ProgressCallback = Callable[[int, int], None]
+from ..progress import ProgressCallback, TqdmProgress  # noqa: E402  (one progress mechanism)
+
+#: The phase name visualize reports its optimisation steps under.
+PHASE = "visualize: steps"
 ObjectiveSpec = str | Objective
 
 
@@ -341,14 +344,8 @@ def _image_seed(seed: int, index: int) -> int:
 
 
 def _tqdm_callback(total: int) -> tuple[ProgressCallback, Callable[[], None]]:
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc="visualize", unit="step", leave=False)
-
-    def update(done: int, _total: int) -> None:
-        bar.n = done
-        bar.refresh()
-    return update, bar.close
+    bar = TqdmProgress(unit="step", leave=False)
+    return bar, bar.close
 
 
 # --------------------------------------------------------------------------------------
@@ -380,7 +377,9 @@ def visualize(
     diversity). ``param`` is ``"fft"`` (Fourier, decorrelated colour), ``"maco"``
     (phase-only, Fel et al. 2023) or ``"pixel"``; ``transforms`` ``"standard"``,
     ``"lucent"``, ``"none"`` or a :class:`RandomView`. ``progress`` is True (a tqdm bar on
-    stderr), False, or ``callback(done_steps, total_steps)``. Deterministic for a seed on
+    stderr, :class:`convscope.progress.TqdmProgress`), False, or a
+    :data:`convscope.progress.ProgressCallback` ``(phase, done_steps, total_steps)``; raising
+    from it stops the optimisation. Deterministic for a seed on
     the CPU, whatever ``batch_size``.
     """
     if steps < 1 or size < 8 or images_per_objective < 1:
@@ -486,7 +485,7 @@ def _optimise(module: nn.Module, objs: list[Objective], indices: list[int], per:
         optimizer.step()
         history[step] = values.detach().float().cpu()
         if callback is not None:
-            callback(done + step + 1, total)
+            callback(PHASE, done + step + 1, total)
     with torch.no_grad():
         images = image_param().detach()
         final = evaluate(_run(module, normalize(images), watch)).float().cpu()

@@ -469,14 +469,10 @@ def visualization_png(state: ServerState, model: str, layer: str, channel: int,
                                queued.as_dict())
 
     def run() -> bytes:
-        def heard(done: int, total: int) -> None:
-            if progress is not None:
-                progress("visualization: steps", done, total)
-
         from ..render.convert import to_pil
 
         result = visualize(loaded, f"{layer}:{channel}", steps=settings.vis_steps,
-                           size=settings.vis_size, progress=heard)
+                           size=settings.vis_size, progress=progress or False)
         return png_bytes(to_pil(result.images[0]))
 
     return state.visuals.get_or_compute(key, lambda: entry.run(run))
