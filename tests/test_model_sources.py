@@ -357,3 +357,29 @@ def test_a_hugging_face_module_passed_as_is_predicts_with_its_labels(tmp_path):
     timm_vit = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=1)
     transform = load_model(timm_vit, device="cpu").transform
     assert (transform.interpolation, transform.crop) == ("bicubic", 64)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "convnext_nano", "efficientnet_b0",
+                                  "regnetx_002"])
+def test_timm_cnns_get_receptive_fields(name):
+    """list_layers on timm CNNs (their own conv and padding modules, NHWC blocks inside
+    ConvNeXt) reports square fields that grow with depth; timm's ResNet18 equals
+    torchvision's, layer by layer (the same architecture, built independently)."""
+    import timm
+    import torchvision
+
+    from convscope import list_layers
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    table = {row.name: row for row in list_layers(model, (3, 96, 64))}
+    convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)
+             and table[n].output_shape and table[n].output_shape[-1] * table[n].output_shape[-2] > 1]
+    assert convs and all(table[n].receptive_field is not None for n in convs)
+    last = table[convs[-1]].receptive_field
+    assert last.size[0] == last.size[1] and last.stride[0] == last.stride[1] >= 16
+    if name == "resnet18":
+        reference = {row.name: row for row in list_layers(torchvision.models.resnet18(),
+                                                          (3, 96, 64))}
+        for layer in ("conv1", "layer1.1", "layer2.0.conv1", "layer3", "layer4"):
+            assert table[layer].receptive_field == reference[layer].receptive_field, layer
