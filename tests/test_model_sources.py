@@ -383,3 +383,30 @@ def test_timm_cnns_get_receptive_fields(name):
                                                           (3, 96, 64))}
         for layer in ("conv1", "layer1.1", "layer2.0.conv1", "layer3", "layer4"):
             assert table[layer].receptive_field == reference[layer].receptive_field, layer
+
+
+def test_hugging_face_vit_in_the_explorer_and_the_report(tmp_path):
+    """The explorer and the report work unchanged for a Hugging Face model: id2label
+    classes, token layers drawn as patch maps, Grad-CAM at the default layer."""
+    from fastapi.testclient import TestClient
+
+    from convscope import build_report, load_model
+    from convscope.report import ReportOptions
+    from convscope.server import Settings, create_app
+
+    _hf_vit(tmp_path / "vit")
+    loaded = load_model(str(tmp_path / "vit"))
+    layer = "vit.layers.1"  # transformers 5 names its blocks vit.layers.N
+    with TestClient(create_app(Settings(models={"hf": loaded})),
+                    base_url="http://localhost") as client:
+        rows = client.get("/api/predict", params={"image": "sample:coffee", "k": 3}).json()
+        assert {row["label"] for row in rows} == {"cat", "dog", "fox"}
+        table = {row["name"]: row for row in client.get("/api/layers").json()}
+        assert table[layer]["spatial"] is True
+        grid = client.get("/api/grid", params={"image": "sample:coffee", "layer": layer}).json()
+        assert grid["stats"] and client.get(
+            "/api/grid.png", params={"image": "sample:coffee", "layer": layer}
+        ).status_code == 200
+        assert client.get("/api/cam.png", params={"image": "sample:coffee"}).status_code == 200
+    page = build_report(loaded, "sample:coffee", ReportOptions(layers=[layer], cam_topk=1))
+    assert f"{layer} — 32×4×4" in page and ("cat" in page or "dog" in page or "fox" in page)
