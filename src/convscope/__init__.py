@@ -40,6 +40,8 @@ _EXPORTS: dict[str, str] = {
     "saliency": "convscope.methods.gradients",
     "sanity_check": "convscope.methods.sanity",
     "ClassTarget": "convscope.methods.targets",
+    "explain": "convscope.methods.explain",
+    "Explanation": "convscope.methods.explain",
     # front ends
     "build_report": "convscope.report",
     "write_report": "convscope.report",
