@@ -58,6 +58,10 @@ from ..progress import ProgressCallback, TqdmProgress  # noqa: E402  (one progre
 #: The phase name visualize reports its optimisation steps under.
 PHASE = "visualize: steps"
 ObjectiveSpec = str | Objective
+#: Pixels per tile in a notebook's view of a :class:`Visualization`.
+REPR_TILE = 128
+#: Images a notebook's HTML view shows at most (the rest stay in ``.grid()`` / ``.save()``).
+REPR_MAX_IMAGES = 64
 
 
 # --------------------------------------------------------------------------------------
@@ -160,6 +164,40 @@ class Visualization:
         if labels:
             _draw_labels(canvas, self.names, min(cols, count), array.shape[1], array.shape[2], pad)
         return canvas
+
+    def _repr_png_(self) -> bytes:
+        """The labelled grid as PNG bytes (what a notebook shows when HTML is off)."""
+        import io
+
+        buffer = io.BytesIO()
+        self.grid(tile_size=min(int(self.images.shape[-1]), REPR_TILE)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    def _repr_html_(self) -> str:
+        """One figure per image (the first :data:`REPR_MAX_IMAGES`) captioned with its
+        objective and the value it reached, plus the settings: a notebook's rich view."""
+        import base64
+        import io
+
+        shown = min(len(self), REPR_MAX_IMAGES)
+        figures = []
+        for i in range(shown):
+            buffer = io.BytesIO()
+            self.image(i).save(buffer, format="PNG")
+            data = base64.b64encode(buffer.getvalue()).decode("ascii")
+            name = html.escape(self.names[i])
+            figures.append(
+                '<figure style="margin:0 6px 6px 0;display:inline-block;text-align:center;'
+                'font-size:12px">'
+                f'<img src="data:image/png;base64,{data}" alt="{name}" '
+                f'style="width:{REPR_TILE}px;height:{REPR_TILE}px;image-rendering:auto"/>'
+                f"<figcaption>{name}<br>{float(self.values[i]):.3g}</figcaption></figure>")
+        more = (f"<div><small>first {shown} of {len(self)} images shown; .grid() or .save() "
+                "has all</small></div>" if shown < len(self) else "")
+        settings = html.escape(", ".join(f"{k}={v}" for k, v in self.settings.items()))
+        return ('<div class="convscope-visualization">'
+                f"<div><b>{len(self)} feature visualisation(s)</b> <small>{settings}</small>"
+                "</div>" + "".join(figures) + more + "</div>")
 
     def save(self, directory: str | os.PathLike, *, title: str | None = None) -> Path:
         """Write ``grid.png``, one ``NNN_<objective>.png`` per image, ``values.json`` and an
