@@ -135,8 +135,10 @@ def create_app(settings: Settings | None = None) -> Any:
     def _missing(_request: Request, exc: FileNotFoundError) -> JSONResponse:
         return error(404, str(exc))
 
-    def png(image: Any) -> Response:
-        return Response(png_bytes(image), media_type="image/png", headers=CACHE_HEADERS)
+    def png(image: Any, photo: bool = False) -> Response:
+        """A PNG answer; ``photo``: the input or an overlay on it (see :mod:`.encode`)."""
+        return Response(png_bytes(image, photo), media_type="image/png",
+                        headers=CACHE_HEADERS)
 
     Model = Annotated[str | None, Query(description="served model name (default: the first)",
                                         max_length=200)]
@@ -239,7 +241,7 @@ def create_app(settings: Settings | None = None) -> Any:
     @app.get("/api/input.png", summary="The input as the model sees it",
              response_class=Response)
     def api_input(image: Image, model: Model = None) -> Response:
-        return png(input_image(state, model_name(model), image))
+        return png(input_image(state, model_name(model), image), photo=True)
 
     @app.get("/api/predict", summary="Top-k predictions")
     def api_predict(image: Image, model: Model = None,
@@ -286,7 +288,7 @@ def create_app(settings: Settings | None = None) -> Any:
         alpha: Annotated[float, Query(ge=0.0, le=1.0)] = 0.6,
     ) -> Response:
         return png(channel_image(state, model_name(model), image, layer, channel, cmap, size,
-                                 over, alpha))
+                                 over, alpha), photo=over)
 
     @app.get("/api/filters.png", summary="Filters of a conv layer (or of one channel)",
              response_class=Response)
@@ -316,7 +318,7 @@ def create_app(settings: Settings | None = None) -> Any:
 
         result, heatmap = cam_heatmap(state, model_name(model), image, method, target,
                                       layer or None, client=client_of(request))
-        return png(overlay(result.display, heatmap, alpha=alpha, cmap=cmap))
+        return png(overlay(result.display, heatmap, alpha=alpha, cmap=cmap), photo=True)
 
     @app.get("/api/visualization.png", response_class=Response,
              summary="Feature visualisation of a channel (a job the first time: 202)")
