@@ -11,8 +11,6 @@ import torch
 import torchvision
 from torch import nn
 
-from timing import interleaved_medians
-
 TITLE = "Capturing activations (every conv layer; batch 1 and 8, 224x224)"
 
 # (label, model builder, batch size): the issue's batch-1 models and the batch-8 pair.
@@ -127,26 +125,97 @@ def _exactness(model: nn.Module, x: torch.Tensor) -> tuple[bool, int, int]:
     return exact, acts.nbytes(), requested
 
 
+def _faults() -> int:
+    """Minor page faults of this process so far (fresh pages the kernel had to supply)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _measure_case(name: str, batch: int, rounds: int, only: list[str] | None) -> dict:
+    """Times (median of warm repeats) and page faults per call of every method, one case.
+
+    Each round calls every method twice in a row and times the second call: the timed
+    call finds the memory as its own previous call left it, not as another method left
+    it (a method that just freed hundreds of MiB would otherwise make the next one,
+    plain forwards included, pay for fresh pages).
+    """
+    import statistics
+    import time
+
+    model = _build(name)
+    torch.manual_seed(1)
+    x = torch.randn(batch, 3, 224, 224)
+    exact, held, requested = _exactness(model, x)
+    methods = _methods(model, x)
+    if only:
+        methods = {key: fn for key, fn in methods.items() if key in only}
+    for fn in methods.values():
+        fn()
+    times: dict[str, list[float]] = {key: [] for key in methods}
+    faults: dict[str, int] = {}
+    for _ in range(rounds):
+        for key, fn in methods.items():
+            fn()
+            before = _faults()
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+            faults[key] = _faults() - before
+    return {"times": {key: statistics.median(v) for key, v in times.items()},
+            "faults": faults, "exact": exact, "held": held, "requested": requested,
+            "convs": len(_conv_names(model))}
+
+
+def _case_in_subprocess(name: str, batch: int, rounds: int, only: list[str] | None = None,
+                        env: dict[str, str] | None = None) -> dict:
+    """One case in a fresh process (its own allocator state), with extra environment."""
+    import os
+
+    command = [sys.executable, __file__, "--case", name, str(batch), str(rounds)]
+    if only:
+        command += ["--only", ",".join(only)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True,
+                         env={**os.environ, **(env or {})})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def _speed(rounds: int, quick: bool) -> list[str]:
     rows = []
     for label, name, batch in CASES:
         if quick and batch > 1:
             continue
-        model = _build(name)
-        torch.manual_seed(1)
-        x = torch.randn(batch, 3, 224, 224)
-        exact, held, requested = _exactness(model, x)
-        times = interleaved_medians(_methods(model, x), rounds if batch == 1 else max(3, rounds // 2))
-        count = len(_conv_names(model))
+        result = _case_in_subprocess(name, batch, rounds if batch == 1 else max(3, rounds // 2))
+        times, faults = result["times"], result["faults"]
         for key, seconds in times.items():
             note = ""
             if key == "ours":
-                note = (f" values exact: {'yes' if exact else 'NO'}; held "
-                        f"{held / 2**20:.1f} MiB = requested {requested / 2**20:.1f} MiB"
-                        + ("" if held == requested else " (DIFFERS)"))
-            rows.append(f"| {label} | {batch} | {count} | {LABELS[key]}{note} | "
-                        f"{seconds * 1000:.1f} | {seconds / times['plain']:.3f}x |")
-        del model
+                note = (f" values exact: {'yes' if result['exact'] else 'NO'}; held "
+                        f"{result['held'] / 2**20:.1f} MiB = requested "
+                        f"{result['requested'] / 2**20:.1f} MiB"
+                        + ("" if result["held"] == result["requested"] else " (DIFFERS)"))
+            rows.append(f"| {label} | {batch} | {result['convs']} | {LABELS[key]}{note} | "
+                        f"{seconds * 1000:.1f} | {seconds / times['plain']:.3f}x | "
+                        f"{faults[key]:,} |")
+    return rows
+
+
+THP_METHODS = ["plain", "ours", "copy", "naive_alias"]
+
+
+def _thp(rounds: int, quick: bool) -> list[str]:
+    """The goal cases again with PyTorch's huge-page allocation (THP_MEM_ALLOC_ENABLE=1)."""
+    rows = []
+    for label, name, batch in CASES:
+        if name not in ("resnet50", "vgg16") or (quick and batch > 1):
+            continue
+        result = _case_in_subprocess(name, batch, rounds if batch == 1 else max(3, rounds // 2),
+                                     THP_METHODS, {"THP_MEM_ALLOC_ENABLE": "1"})
+        times, faults = result["times"], result["faults"]
+        for key in THP_METHODS:
+            rows.append(f"| {label} | {batch} | {LABELS[key].split(' (')[0]} | "
+                        f"{times[key] * 1000:.1f} | {times[key] / times['plain']:.3f}x | "
+                        f"{faults[key]:,} |")
     return rows
 
 
@@ -201,16 +270,28 @@ def run(quick: bool = False) -> str:
     """Markdown section: speed ratios and peak memory."""
     rounds = 3 if quick else 9
     rows = _speed(rounds, quick)
+    thp_rows = _thp(rounds, quick)
     lines = [
-        f"Median of {rounds} rounds (batch 8: {max(3, rounds // 2)}) after a warm-up; each "
-        "round calls every method once in turn (so load drift hits all alike); random-init "
+        f"Each case in a fresh process. Median of {rounds} rounds (batch 8: "
+        f"{max(3, rounds // 2)}) after a warm-up; each round calls every method twice in a "
+        "row and times the second call (so each method meets the memory as its own last call "
+        "left it, and load drift hits all alike). Page faults: minor faults during one timed "
+        "call (each is a fresh 4 KiB page the kernel must supply and zero). Random-init "
         f"weights except the bundled model; {torch.get_num_threads()} torch threads. Goal: "
         "the default at most 1.10x at batch 1 and 1.05x at batch 8 (VGG16, ResNet50), with "
         "exact values.",
         "",
-        "| model | batch | convs | method | ms | vs plain |",
-        "|---|---:|---:|---|---:|---:|",
+        "| model | batch | convs | method | ms | vs plain | page faults |",
+        "|---|---:|---:|---|---:|---:|---:|",
         *rows,
+        "",
+        "The same goal cases with PyTorch's own huge-page allocation for large CPU tensors "
+        "(`THP_MEM_ALLOC_ENABLE=1`, read once when torch starts; a setting of the whole "
+        "process that convscope, a library, does not make for its users):",
+        "",
+        "| model | batch | method | ms | vs plain | page faults |",
+        "|---|---:|---|---:|---:|---:|",
+        *thp_rows,
     ]
     memory = _memory()
     plain = memory["plain"]["peak_mib"]
@@ -232,4 +313,10 @@ def run(quick: bool = False) -> str:
 
 
 if __name__ == "__main__":
-    print(run(quick="--quick" in sys.argv))
+    if "--case" in sys.argv:  # one case in this process (see _case_in_subprocess)
+        at = sys.argv.index("--case")
+        only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
+        print(json.dumps(_measure_case(sys.argv[at + 1], int(sys.argv[at + 2]),
+                                       int(sys.argv[at + 3]), only)))
+    else:
+        print(run(quick="--quick" in sys.argv))
