@@ -19,7 +19,6 @@ positive nor a maximum for ranking (a NaN spatial max ranks below every number),
 
 from __future__ import annotations
 
-import bisect
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -85,17 +84,29 @@ def _keys(x: torch.Tensor, edges: torch.Tensor, pow2: bool, offsets: torch.Tenso
 
 
 def _fast_pow2_keys(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """:func:`_keys` for :data:`DEFAULT_EDGES` in eight eager ops (half of
-    :func:`_pow2_bins`), except for NaN: a NaN with the sign bit clear lands in the last
-    value bin, one with the sign bit set in bin 0, and the caller moves them (rows holding
-    NaN are known from their NaN sum)."""
+    """:func:`_keys` for :data:`DEFAULT_EDGES` in a dozen cheap in-place integer ops and
+    no ``torch.where`` (on CPU ``where`` costs more than all the others together), except
+    for NaN: a NaN with the sign bit clear lands in the last value bin, one with the sign
+    bit set in bin 0, and the caller moves them (rows holding NaN are known from their NaN
+    sum). ``offsets`` must already include ``-106`` (see below).
+
+    The float's sign and magnitude bits become a two's complement integer ``u`` (``m`` for
+    x >= 0, ``-m`` for x < 0, both zeros 0), which is monotone in x; then
+    ``q = floor((u - 1) / 2**23)`` satisfies, for every edge ``e = +-2**k`` with biased
+    exponent ``E = k + 127``, ``x > e`` exactly when ``q >= +-E`` (and ``x > 0`` when
+    ``q >= 0``). The bin (the number of edges below x) is then ``clamp(q, 120, 133) - 106``
+    for ``q >= 0`` and ``133 - clamp(-q - 1, 120, 133)`` for ``q < 0``: one clamp between
+    two sign flips (``q ^ (q >> 31)`` maps q < 0 to ``-q - 1``). Tested against
+    ``bucketize`` on every power of two, its neighbours, zeros, subnormals and infinities.
+    """
     bits = x.view(torch.int32)
-    positive = bits > 0
-    exponent = bits - positive.view(torch.uint8)  # x > 0: ceil(log2 x) from (bits - 1); else floor(log2 |x|)
-    exponent.bitwise_and_(0x7FFFFFFF)
-    exponent.bitwise_right_shift_(23)
-    exponent.clamp_(120, 133)
-    return torch.where(positive, exponent + (offsets - 106), (offsets + 133) - exponent)
+    sign = bits >> 31  # -1 for x < 0 (-0.0 included), else 0
+    q = bits & 0x7FFFFFFF  # magnitude m
+    q.bitwise_xor_(sign).sub_(sign).sub_(1).bitwise_right_shift_(23)  # floor((u - 1) / 2**23)
+    sign = q >> 31  # now: -1 where x <= 0
+    q.bitwise_xor_(sign).clamp_(120, 133).bitwise_xor_(sign)  # q < 0: -1 - clamp(-q - 1)
+    q.sub_(sign.mul_(240))  # q < 0: 133 - clamp(...) + 106; else clamp(...)
+    return q.add_(offsets)
 
 
 def _counts(x: torch.Tensor, edges: torch.Tensor, pow2: bool, offsets: torch.Tensor,
@@ -190,63 +201,77 @@ class ChannelStats:
 
     def _histogram(self, rows: torch.Tensor, total: torch.Tensor, compiled: bool) -> None:
         """Count every value of ``rows`` (R = N x C rows of M values) into ``hist`` and
-        ``nan``. Compiled: one fused kernel that stores no bin id. Eager: :data:`CHUNK`
-        values at a time (a row longer than that is cut into pieces), so the bin ids of one
-        tile and their temporaries are all the extra memory, and stay in the cache."""
-        r = rows.shape[0]
+        ``nan``. Compiled: one fused kernel that stores no bin id. Eager: tiles of at most
+        :data:`CHUNK` values (see :meth:`_eager_counts`)."""
         c, stride = self.channels, self.hist.shape[1] + 1  # value bins + the NaN bin
-        size = c * stride
-        offsets = ((torch.arange(r, device=rows.device) % c) * stride).to(torch.int32)
-        offsets = offsets.view(r, 1)
         if compiled:
-            counts = _compiled_counts()(rows, self.edges, self._pow2, offsets, size)
+            r = rows.shape[0]
+            offsets = ((torch.arange(r, device=rows.device) % c) * stride).to(torch.int32)
+            counts = _compiled_counts()(rows, self.edges, self._pow2, offsets.view(r, 1),
+                                        c * stride)
+            counts = counts.view(c, stride)
         else:
-            counts = self._eager_counts(rows, total, offsets, size)
-        counts = counts.view(c, stride)
+            counts = self._eager_counts(rows.view(-1, c, rows.shape[1]), total, stride)
         self.hist += counts[:, :-1]
         self.nan += counts[:, -1]
 
-    def _eager_counts(self, rows: torch.Tensor, total: torch.Tensor, offsets: torch.Tensor,
-                      size: int) -> torch.Tensor:
-        r, m = rows.shape
-        counts = torch.zeros(size, dtype=torch.int64, device=rows.device)
-        on_cpu = rows.device.type == "cpu"
+    def _eager_counts(self, x: torch.Tensor, total: torch.Tensor, stride: int
+                      ) -> torch.Tensor:
+        """Histogram counts ``(C, stride)`` of ``x`` (N, C, M), tile by tile.
+
+        A tile is the block ``x[n0:n1, c0:c1, m0:m1]`` of at most :data:`CHUNK` values
+        (whole maps of a few channels for all images when they fit, else fewer images, else
+        pieces of one map), so its keys only span the ``c1 - c0`` channels it holds: each
+        ``bincount`` makes ``(c1 - c0) x stride`` counts, never the whole layer's ``C x
+        stride`` (zeroing and adding those per tile used to cost more than the bin ids).
+        The bin ids of one tile and their temporaries are all the extra memory and stay in
+        the cache."""
+        n, c, m = x.shape
+        device = x.device
+        counts = torch.zeros(c, stride, dtype=torch.int64, device=device)
+        on_cpu = device.type == "cpu"
         fast = self._pow2 and on_cpu  # on a GPU the exact kernel is cheap; no host sync
-        # Rows that can hold NaN: a NaN makes the row's sum NaN (so does +inf with -inf).
-        suspects = torch.isnan(total).nonzero().view(-1).tolist() if fast else []
-        if m <= CHUNK:
-            step = CHUNK // m
-            tiles = [(s, min(s + step, r), slice(None)) for s in range(0, r, step)]
-        else:
-            tiles = [(s, s + 1, slice(t, t + CHUNK)) for s in range(r) for t in range(0, m, CHUNK)]
-        for start, stop, cols in tiles:
-            tile = rows[start:stop, cols]
-            if fast:
-                keys = _fast_pow2_keys(tile, offsets[start:stop]).view(-1)
-            else:
-                keys = _keys(tile, self.edges, self._pow2, offsets[start:stop]).view(-1)
-            if on_cpu:
-                counts += torch.bincount(keys, minlength=size)
-            else:  # bincount would sync with the host to size its output
-                counts.index_add_(0, keys, _ones(keys))
-            first = bisect.bisect_left(suspects, start)
-            if first < len(suspects) and suspects[first] < stop:
-                self._move_nan(tile, offsets[start:stop].view(-1), counts)
+        span_m = min(m, CHUNK)
+        span_n = max(1, min(n, CHUNK // span_m))
+        span_c = max(1, min(c, CHUNK // (span_m * span_n)))
+        local = (torch.arange(span_c, device=device, dtype=torch.int32) * stride).view(1, -1, 1)
+        shifted = local - 106  # the constant of :func:`_fast_pow2_keys`, folded in once
+        for c0 in range(0, c, span_c):
+            c1 = min(c0 + span_c, c)
+            offsets = local[:, :c1 - c0]
+            size = (c1 - c0) * stride
+            block = counts[c0:c1].view(-1)
+            for n0 in range(0, n, span_n):
+                for m0 in range(0, m, span_m):
+                    tile = x[n0:n0 + span_n, c0:c1, m0:m0 + span_m]
+                    if fast:
+                        keys = _fast_pow2_keys(tile, shifted[:, :c1 - c0]).view(-1)
+                    else:
+                        keys = _keys(tile, self.edges, self._pow2, offsets).view(-1)
+                    if on_cpu:
+                        block += torch.bincount(keys, minlength=size)
+                    else:  # bincount would sync with the host to size its output
+                        block.index_add_(0, keys, _ones(keys))
+        if fast:
+            # Rows that can hold NaN: a NaN makes the row's sum NaN (so does +inf with
+            # -inf). Rare, so they are fixed afterwards, row by row.
+            suspects = torch.isnan(total).nonzero().view(-1)
+            if suspects.numel():
+                self._move_nan(x.reshape(n * c, m)[suspects], suspects % c, counts)
         return counts
 
-    def _move_nan(self, tile: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor
+    def _move_nan(self, rows: torch.Tensor, channels: torch.Tensor, counts: torch.Tensor
                   ) -> None:
-        """Move the NaN that :func:`_fast_pow2_keys` put in the outer bins of ``tile``'s
-        rows to the NaN bin."""
-        bits = tile.view(torch.int32)
+        """Move the NaN that :func:`_fast_pow2_keys` put in the outer bins of ``rows`` (of
+        ``channels``) to the NaN bin of ``counts`` (C, stride)."""
+        bits = rows.view(torch.int32)
         nan = (bits & 0x7FFFFFFF) > 0x7F800000
         high = (nan & (bits > 0)).sum(1)  # sign bit clear: counted in the last value bin
         every = nan.sum(1)
-        offsets = offsets.long()
         last = self.hist.shape[1] - 1
-        counts.index_add_(0, offsets + last, -high)
-        counts.index_add_(0, offsets, high - every)
-        counts.index_add_(0, offsets + last + 1, every)
+        counts[:, last].index_add_(0, channels, -high)
+        counts[:, 0].index_add_(0, channels, high - every)
+        counts[:, last + 1].index_add_(0, channels, every)
 
     # ------------------------------------------------------------------ merge / state
 
