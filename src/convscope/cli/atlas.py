@@ -14,6 +14,23 @@ from typing import Any
 
 from .common import add_json_arg, add_layer_args, add_model_args, add_quiet_arg
 
+#: ``--visualize`` defaults, equal to convscope.featvis.atlas's (kept here so that
+#: ``--help`` does not import torch; a test checks they agree).
+VIS_CHANNELS, VIS_STEPS, VIS_SIZE, VIS_BATCH = 32, 128, 128, 16
+
+
+def _channel_limit(text: str) -> int | None:
+    """``--vis-channels``: a positive count, or ``all`` (None)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or 'all', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 channel, got {value}")
+    return value
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``atlas`` subcommand."""
@@ -48,6 +65,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "processes; both give identical statistics")
     p.add_argument("--crop-size", type=int, default=64, help="pixels per crop tile (64)")
     p.add_argument("--no-crops", action="store_true", help="skip writing crops/")
+    g = p.add_argument_group(
+        "feature visualisations (--visualize)",
+        "After the pass, synthesise one image per channel that maximises its mean activation "
+        "(convscope.visualize) for the first --vis-channels channels of every layer, saved as "
+        "crops/<layer>/vis_<channel>.png and shown on the channel pages. CPU cost grows with "
+        "channels x steps x size^2: the defaults take about a second per channel for a "
+        "mobile network. Finished batches are kept, so a rerun or --resume does not redo them.")
+    g.add_argument("--visualize", action="store_true",
+                   help="add feature visualisations to the channel pages")
+    g.add_argument("--vis-channels", type=_channel_limit, default=VIS_CHANNELS,
+                   metavar="N|all", help=f"channels visualised per layer, the first N "
+                                         f"(default {VIS_CHANNELS}; 'all' for every channel)")
+    g.add_argument("--vis-steps", type=int, default=VIS_STEPS,
+                   help=f"optimisation steps per image ({VIS_STEPS})")
+    g.add_argument("--vis-size", type=int, default=VIS_SIZE,
+                   help=f"visualisation size in pixels ({VIS_SIZE})")
+    g.add_argument("--vis-batch", type=int, default=VIS_BATCH,
+                   help=f"channels optimised together in one batch ({VIS_BATCH})")
     add_quiet_arg(p)
     add_json_arg(p, "the summary (images, skipped, layers, dead channels per layer)")
     p.set_defaults(func=run_atlas)
@@ -106,12 +141,30 @@ def run_atlas(args: argparse.Namespace) -> int:
             fused=args.fused, crops=not args.no_crops, crop_size=args.crop_size,
             progress=_Progress(world, enabled=not args.quiet and rank == 0),
         )
+        if rank == 0 and args.visualize:
+            _visualize(loaded, atlas, args)
         if rank == 0:
             _summary(atlas, args.out, as_json=args.json)
     finally:
         if started_group:
             torch.distributed.destroy_process_group()
     return 0
+
+
+def _visualize(loaded: Any, atlas: Any, args: argparse.Namespace) -> None:
+    """``--visualize``: the channels' feature visualisations, then the pages again."""
+    from pathlib import Path
+
+    from convscope.atlas.html import write_html
+    from convscope.featvis.atlas import visualize_atlas
+
+    from .progress import bar
+
+    with bar(args, unit="step") as progress:
+        visualize_atlas(loaded, atlas, args.out, channels=args.vis_channels,
+                        steps=args.vis_steps, size=args.vis_size, batch_size=args.vis_batch,
+                        progress=progress)
+    write_html(atlas, Path(args.out))
 
 
 def _summary(atlas: Any, out: str, *, as_json: bool = False) -> None:
