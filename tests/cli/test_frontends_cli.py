@@ -125,3 +125,19 @@ def test_serve_help_describes_only_real_forms(capsys):
     text = capsys.readouterr().out
     assert "NAME=PATH" not in text
     assert "--arch" in text
+
+
+def test_report_visualize_flags_add_the_grid_with_progress(tmp_path, capsys):
+    out = tmp_path / "r.html"
+    argv = ["report", "sample:chelsea", "-l", "_conv_stem", "--cam-topk", "1", "--visualize",
+            "--vis-channels", "2", "--vis-steps", "3", "--vis-size", "32", "--out", str(out)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "visualize: steps" in err and "3/3" in err
+    text = out.read_text()
+    assert "Feature visualisations of 1 layer(s)" in text
+    assert "_conv_stem — channels 0–1" in text and "3 steps at 32 px" in text
+    assert main([*argv, "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main([*argv[:6], "--quiet", "--out", str(out)]) == 0  # default: no visualisations
+    assert "Feature visualisations" not in out.read_text()

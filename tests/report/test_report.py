@@ -168,3 +168,48 @@ def test_random_weights_are_said_in_the_header_and_token_layers_are_drawn():
     page = build_report(loaded, "sample:coffee", ReportOptions(layers=["blocks.1"], cam_topk=1))
     assert "random weights" in page
     assert "blocks.1 — 192×4×4" in page
+
+
+def test_feature_visualisation_grids_are_off_by_default_and_embedded_when_asked(tiny_net):
+    """--visualize: one grid per drawn layer of its first channels (fewer when the layer has
+    fewer), embedded; tiles and stated values checked against an independent forward."""
+    from convscope.featvis import visualize
+    from convscope.models import load_model
+
+    loaded = load_model(tiny_net, device="cpu")
+    options = dict(layers=["features.0", "features.3"], image_format="png", cam_topk=0)
+    plain = build_report(loaded, "sample:rocket", ReportOptions(**options))
+    assert "Feature visualisations" not in plain
+    page = build_report(loaded, "sample:rocket", ReportOptions(
+        **options, visualize=True, vis_channels=3, vis_steps=6, vis_size=32))
+    assert "Feature visualisations of 2 layer(s)" in page
+    assert "6 steps at 32 px" in page
+    parsed = Collector()
+    parsed.feed(page)
+    grids = {tag[1]["alt"]: tag[1]["src"] for tag in parsed.tags
+             if tag[0] == "img" and tag[1].get("alt", "").startswith("feature visualisations")}
+    assert set(grids) == {"feature visualisations of features.0",
+                          "feature visualisations of features.3"}
+    assert "features.0 — channels 0–2" in parsed.summaries
+    assert "features.3 — channels 0–1" in parsed.summaries  # the layer has only 2
+    # The same optimisation run on its own (deterministic for a seed on the CPU).
+    alone = visualize(loaded, ["features.0:0-2", "features.3:0-1"], steps=6, size=32,
+                      progress=False)
+    grid = decode(grids["feature visualisations of features.0"])
+    assert grid.shape == (32 + 4, 3 * 32 + 4 * 2, 3)
+    for i in range(3):  # the lower half of each tile (the label covers the top)
+        tile = grid[2 + 16: 2 + 32, 2 + i * 34: 2 + i * 34 + 32].astype(int)
+        expected = np.floor(alone.images[i].permute(1, 2, 0).numpy()[16:] * 255 + 0.5)
+        assert np.abs(tile - expected).max() <= 1
+    # Stated values: the channel means of those images, by an independent forward.
+    norm = loaded.transform
+    x = (alone.images - torch.tensor(norm.mean).view(1, 3, 1, 1)) / torch.tensor(
+        norm.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        first = tiny_net.features[0](x[:3])
+        second = tiny_net.features[:4](x[3:])
+    means = [float(first[c, c].mean()) for c in range(3)] + [
+        float(second[c, c].mean()) for c in range(2)]
+    stated = [float(v) for v in re.findall(r"\d+: (-?[\d.e+-]+)", " ".join(
+        t for t in re.findall(r"Mean activation reached per channel: ([^<]*)", page)))]
+    np.testing.assert_allclose(stated, means, rtol=6e-3, atol=1e-4)  # 3 digits
