@@ -84,8 +84,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="add a grid of feature visualisations (images that maximise each "
                         "channel) of the first --vis-channels channels of every drawn layer; "
                         "off by default: it costs layers x channels x steps forward and "
-                        "backward passes (about a minute for 4 layers at the defaults on a "
-                        "laptop CPU)")
+                        "backward passes (several minutes for 4 layers at the defaults on a "
+                        "CPU)")
     p.add_argument("--vis-channels", type=int, default=8,
                    help="channels visualised per layer, the first ones (8)")
     p.add_argument("--vis-steps", type=int, default=128,

@@ -27,11 +27,12 @@ from .render import visualize
 MANIFEST = "visualizations.json"
 #: The phase name the atlas's visualisation step reports progress under.
 PHASE = "atlas: visualisations"
-#: Defaults of ``convscope atlas --visualize``: ~1 s per channel on a laptop CPU for a
-#: mobile network (128 steps at 128 px, 16 channels per batch).
+#: Defaults of ``convscope atlas --visualize``: one batch of 16 channels per layer, 128
+#: steps at 128 px (a late EfficientNet-Lite0 block: 22 s per channel measured on one
+#: thread of a busy 2-core machine, so a few minutes per layer on a CPU).
 DEFAULT_STEPS = 128
 DEFAULT_SIZE = 128
-DEFAULT_CHANNELS = 32
+DEFAULT_CHANNELS = 16
 DEFAULT_BATCH = 16
 
 
