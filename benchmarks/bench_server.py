@@ -17,6 +17,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import math
 import os
 import random
 import socket
@@ -235,25 +236,69 @@ def _first_view_server(client: Client, data: bytes, layer: str) -> float:
     return time.perf_counter() - start
 
 
-def _first_view_library(model, data: bytes, layer: str) -> float:
+def _page_grid_layout(act, count: int = 64) -> tuple[int, int, int]:
+    """Channels, columns and tile size of the grid the page shows (``grid_layout`` in
+    ``convscope/server/views.py``, written out so the baseline uses no server code)."""
+    channels, height, width = act.shape
+    count = max(1, min(count, channels))
+    cols = max(1, min(count, math.ceil(math.sqrt(count * height / max(width, 1)))))
+    tile = max(8, min(max(height, width) * 8, 640 // cols))
+    return count, cols, tile
+
+
+def _first_view_pictures(model, data: bytes, layer: str, native: bool = False):
     """The same work in-process with the library calls the CLI makes: decode, preprocess,
     one forward pass capturing the layer with top-5, the layer's statistics (the page shows
-    them), the grid and the input as PNG."""
+    them), and the two pictures the page gets: the grid (same channels, columns and tile
+    size as the page's) and the input as the model sees it. ``native``: the grid at the
+    activation's own size (28 px tiles instead of the page's 84; the baseline before this
+    stop, kept as a second row)."""
     from convscope.hooks import capture
     from convscope.images import load_image
+    from convscope.render.convert import to_pil
     from convscope.render.grid import feature_grid
     from convscope.stats import layer_summary
 
-    start = time.perf_counter()
     image = load_image(data)
     x = model.preprocess(image)
     with capture(model.module, [layer]) as acts:
         model.predict(x, k=5)
-    layer_summary(acts[layer][0])
-    grid = feature_grid(acts[layer][0], channels=64)
-    for picture in (grid, image.resize((224, 224))):
-        picture.save(io.BytesIO(), format="PNG", compress_level=1)
+    act = acts[layer][0]
+    layer_summary(act)
+    if native:
+        grid = feature_grid(act, channels=64)
+    else:
+        count, cols, tile = _page_grid_layout(act)
+        grid = feature_grid(act, channels=count, cols=cols, tile_size=tile)
+    display = to_pil(model.transform.to_display(x[0]))
+    encoded = []
+    for picture in (grid, display):  # the library's way to write a PNG (Pillow, level 1)
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG", compress_level=1)
+        encoded.append(buffer.getvalue())
+    return encoded
+
+
+def _first_view_library(model, data: bytes, layer: str, native: bool = False) -> float:
+    start = time.perf_counter()
+    _first_view_pictures(model, data, layer, native)
     return time.perf_counter() - start
+
+
+def _same_pictures(client: Client, model, layer: str) -> bool:
+    """Whether the baseline draws exactly the pixels the server sends for one image."""
+    import numpy as np
+    from PIL import Image
+
+    data = _new_image_bytes(4242)
+    image_id = json.loads(client.request("POST", "/api/images", body=data))["id"]
+    client.get("/api/predict", image=image_id, k=5, layer=layer)
+    served = [client.get("/api/grid.png", image=image_id, layer=layer, **SETTINGS[0]),
+              client.get("/api/input.png", image=image_id)]
+    mine = _first_view_pictures(model, data, layer)
+    return all(np.array_equal(np.asarray(Image.open(io.BytesIO(a))),
+                              np.asarray(Image.open(io.BytesIO(b))))
+               for a, b in zip(served, mine, strict=True))
 
 
 def _rss_mib(pid: int) -> float:
@@ -444,6 +489,8 @@ def run(quick: bool = False, soak: float | None = None) -> str:
         reps = 3 if quick else 6
         server_times = [_first_view_server(client, _new_image_bytes(i + 1), layer)
                         for i in range(reps)]
+        model = load_model("efficientnet_lite0", device="cpu")
+        same = _same_pictures(client, model, layer)  # untimed: the baseline's pixels
 
         # 4. One client switching while Score-CAM jobs keep the queue full.
         jobs = _switch_while_jobs(port, 10.0 if quick else 40.0, shapes, conv)
@@ -459,10 +506,13 @@ def run(quick: bool = False, soak: float | None = None) -> str:
             server.kill()
     # The same work through the library and the CLI, measured with the server stopped: an
     # idle server's OpenMP threads spin for a while and would slow this process down.
-    model = load_model("efficientnet_lite0", device="cpu")
     _first_view_library(model, _new_image_bytes(99), layer)  # warm-up, as the server is
-    library_times = [_first_view_library(model, _new_image_bytes(100 + i), layer)
-                     for i in range(reps)]
+    _first_view_library(model, _new_image_bytes(98), layer, native=True)
+    library_times, native_times = [], []
+    for i in range(reps):  # alternated, so load drift hits both alike
+        library_times.append(_first_view_library(model, _new_image_bytes(100 + i), layer))
+        native_times.append(_first_view_library(model, _new_image_bytes(200 + i), layer,
+                                                native=True))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "new.png"
         path.write_bytes(_new_image_bytes(999))
@@ -524,6 +574,7 @@ def run(quick: bool = False, soak: float | None = None) -> str:
     ]
     server_med, server_min = statistics.median(server_times), min(server_times)
     library_med, library_min = statistics.median(library_times), min(library_times)
+    native_med, native_min = statistics.median(native_times), min(native_times)
     cli_med = statistics.median(cli_times)
     lines += [
         "",
@@ -533,9 +584,14 @@ def run(quick: bool = False, soak: float | None = None) -> str:
         f"| server (HTTP; captures the shown layer, the rest on the first switch) | "
         f"{server_med:.3f} | "
         f"{server_min:.3f} | 1.00 | 1.00 |",
-        f"| same work in-process with the library (one layer captured) | {library_med:.3f} | "
+        f"| same work in-process with the library (one layer captured; the page's grid and "
+        f"input drawn, PNG via Pillow; same pixels as the server's: "
+        f"{'yes' if same else 'NO'}) | {library_med:.3f} | "
         f"{library_min:.3f} | {server_med / library_med:.2f}x | "
         f"{server_min / library_min:.2f}x |",
+        f"| the same, grid at the activation's size (28 px tiles, not the page's 84; the "
+        f"previous baseline) | {native_med:.3f} | {native_min:.3f} | "
+        f"{server_med / native_med:.2f}x | {server_min / native_min:.2f}x |",
         f"| `convscope activations` CLI process (start, model load, same work) | {cli_med:.3f} | "
         f"{min(cli_times):.3f} | {server_med / cli_med:.2f}x | "
         f"{server_min / min(cli_times):.2f}x |",

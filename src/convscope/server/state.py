@@ -459,43 +459,45 @@ class ServerState:
     def _capture(self, entry: ModelEntry, x: Any, layers: Any
                  ) -> tuple[dict[str, Any], list[Any]]:
         """One forward pass on the model's thread: kept activations and the top-10."""
+        loaded = entry.get()
+        return entry.run(lambda: self._pass(loaded, x, layers))
+
+    def _pass(self, loaded: Any, x: Any, layers: Any) -> tuple[dict[str, Any], list[Any]]:
+        """One forward pass on the calling thread (the model's): activations, top-10."""
         from ..hooks import capture
         from ..layers import first_tensor
         from ..spatial import NoSpatialMapError
 
-        loaded = entry.get()
-
-        def forward() -> tuple[Any, Any]:
-            if not layers:
-                predictions = loaded.predict(x, k=10)[0]
-                self.forward_count += 1
-                return {}, predictions
-            # One layer: copy it at once (the copy-on-write guard watches every op of the
-            # pass, which costs more than one copy). All layers: copy-on-write is cheaper.
-            copy: Any = "auto" if layers == "all" else True
-            with capture(loaded.module, layers, copy=copy) as acts:
-                predictions = loaded.predict(x, k=10)[0]
+        if not layers:
+            predictions = loaded.predict(x, k=10)[0]
             self.forward_count += 1
-            kept: dict[str, Any] = {}
-            for name in acts:
-                try:  # one reading for every view: conv maps, channels-last, patch tokens
-                    kept[name] = acts.maps(name)[0]
-                    continue
-                except NoSpatialMapError:
-                    pass
-                value = first_tensor(acts[name])
-                if value is not None and value.dim() >= 2:
-                    kept[name] = value[0]
-            return kept, predictions
-
-        return entry.run(forward)
+            return {}, predictions
+        # One layer: copy it at once (the copy-on-write guard watches every op of the
+        # pass, which costs more than one copy). All layers: copy-on-write is cheaper.
+        copy: Any = "auto" if layers == "all" else True
+        with capture(loaded.module, layers, copy=copy) as acts:
+            predictions = loaded.predict(x, k=10)[0]
+        self.forward_count += 1
+        kept: dict[str, Any] = {}
+        for name in acts:
+            try:  # one reading for every view: conv maps, channels-last, patch tokens
+                kept[name] = acts.maps(name)[0]
+                continue
+            except NoSpatialMapError:
+                pass
+            value = first_tensor(acts[name])
+            if value is not None and value.dim() >= 2:
+                kept[name] = value[0]
+        return kept, predictions
 
     def _run(self, entry: ModelEntry, image_id: str, layer: str | None) -> ForwardResult:
+        """A new image's first pass: preprocessing, the forward pass and the displayed
+        input all on the model's thread, so the first view uses one thread's OpenMP pool
+        (a request thread's pool left spinning beside the model's costs both time)."""
         from ..render.convert import to_pil
 
         pil = self.images.load(image_id)
         loaded = entry.get()
-        x = loaded.preprocess(pil)
         if layer:
             from ..errors import UnknownLayerError
 
@@ -503,9 +505,14 @@ class ServerState:
                 entry.layer_info(layer)
             except UnknownLayerError:  # a stale hint: predictions still answer
                 layer = None
-        acts, predictions = self._capture(entry, x, [layer] if layer else [])
-        display = to_pil(loaded.transform.to_display(x[0].detach().cpu()))
-        return ForwardResult(x=x, display=display, predictions=predictions, acts=acts)
+
+        def first_pass() -> ForwardResult:
+            x = loaded.preprocess(pil)
+            acts, predictions = self._pass(loaded, x, [layer] if layer else [])
+            display = to_pil(loaded.transform.to_display(x[0].detach().cpu()))
+            return ForwardResult(x=x, display=display, predictions=predictions, acts=acts)
+
+        return entry.run(first_pass)
 
     def status(self) -> dict[str, Any]:
         """Caches, jobs and models as JSON (``/api/status``)."""
