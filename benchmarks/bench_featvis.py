@@ -191,6 +191,7 @@ def class_transfer(steps: int, size: int, classes: list[int], param: str = "fft"
             images = visualize(model, [f"class:{c}" for c in classes], steps=steps, size=px,
                                param=param, transforms=transforms, progress=False).images
         results[name] = (images, time.perf_counter() - start)
+        _log(f"transfer {name} generated", {"seconds": results[name][1]})
     if os.environ.get("FEATVIS_BENCH_SAVE"):  # keep the images to look at or re-judge
         import torch
 
