@@ -5,7 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
+import torch
 
 from convscope.server.state import LRUCache
 
@@ -75,3 +77,38 @@ def test_different_keys_compute_in_parallel():
         thread.join()
     assert "x" in cache
     assert "y" in cache
+
+
+def test_first_pass_runs_on_the_model_thread(tiny_loaded, monkeypatch):
+    """A new image's preprocessing, forward pass and displayed input run on the model's
+    own thread (one thread's OpenMP pool for the whole first pass), with the same values
+    as the library called directly."""
+    from convscope.images import load_image
+    from convscope.render.convert import to_pil
+    from convscope.server import Settings
+    from convscope.server.state import ServerState
+
+    seen: list[str] = []
+    preprocess = tiny_loaded.preprocess
+
+    def spy(images):
+        seen.append(threading.current_thread().name)
+        return preprocess(images)
+
+    monkeypatch.setattr(tiny_loaded, "preprocess", spy)
+    state = ServerState(Settings(models={"tiny": tiny_loaded}, device="cpu"))
+    try:
+        result = state.forward("tiny", "sample:chelsea", "features.2")
+    finally:
+        state.models.close()
+    assert seen and all(name.startswith("convscope-tiny") for name in seen)
+    assert threading.current_thread().name not in seen
+    assert list(result.acts) == ["features.2"] and not result.complete
+    x = preprocess(load_image("sample:chelsea"))
+    with torch.no_grad():
+        expected = tiny_loaded.module.features[:3](x)[0]
+        probs = torch.softmax(tiny_loaded.module(x), 1)[0]
+    assert torch.allclose(result.acts["features.2"], expected, atol=1e-6)
+    assert [p.index for p in result.predictions[:5]] == probs.argsort(descending=True)[:5].tolist()
+    assert np.array_equal(np.asarray(result.display),
+                          np.asarray(to_pil(tiny_loaded.transform.to_display(x[0]))))
