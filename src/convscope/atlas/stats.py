@@ -83,7 +83,8 @@ def _keys(x: torch.Tensor, edges: torch.Tensor, pow2: bool, offsets: torch.Tenso
     return bins + offsets
 
 
-def _fast_pow2_keys(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def _fast_pow2_keys(x: torch.Tensor, offsets: torch.Tensor,
+                    work: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """:func:`_keys` for :data:`DEFAULT_EDGES` in a dozen cheap in-place integer ops and
     no ``torch.where`` (on CPU ``where`` costs more than all the others together), except
     for NaN: a NaN with the sign bit clear lands in the last value bin, one with the sign
@@ -98,12 +99,20 @@ def _fast_pow2_keys(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     for ``q >= 0`` and ``133 - clamp(-q - 1, 120, 133)`` for ``q < 0``: one clamp between
     two sign flips (``q ^ (q >> 31)`` maps q < 0 to ``-q - 1``). Tested against
     ``bucketize`` on every power of two, its neighbours, zeros, subnormals and infinities.
+
+    ``work``: two contiguous int32 buffers of at least ``x.numel()`` values to compute in
+    (the result is the second): a fresh tensor per op costs more than the op itself (a
+    tile's 128 KB are served by ``mmap`` and page faults).
     """
     bits = x.view(torch.int32)
-    sign = bits >> 31  # -1 for x < 0 (-0.0 included), else 0
-    q = bits & 0x7FFFFFFF  # magnitude m
+    if work is None:
+        sign = bits >> 31  # -1 for x < 0 (-0.0 included), else 0
+        q = bits & 0x7FFFFFFF  # magnitude m
+    else:
+        sign = torch.bitwise_right_shift(bits, 31, out=work[0][:x.numel()].view(x.shape))
+        q = torch.bitwise_and(bits, 0x7FFFFFFF, out=work[1][:x.numel()].view(x.shape))
     q.bitwise_xor_(sign).sub_(sign).sub_(1).bitwise_right_shift_(23)  # floor((u - 1) / 2**23)
-    sign = q >> 31  # now: -1 where x <= 0
+    sign = torch.bitwise_right_shift(q, 31, out=sign)  # now: -1 where x <= 0
     q.bitwise_xor_(sign).clamp_(120, 133).bitwise_xor_(sign)  # q < 0: -1 - clamp(-q - 1)
     q.sub_(sign.mul_(240))  # q < 0: 133 - clamp(...) + 106; else clamp(...)
     return q.add_(offsets)
@@ -181,23 +190,58 @@ class ChannelStats:
         rows = x.reshape(n * c, h * w)
         if rows.dtype != torch.float32 or not rows.is_contiguous():
             rows = rows.float().contiguous()
-        values, where = rows.max(dim=1)  # first position of the max; NaN wins (and ranks last)
+        # The spatial max alone (vectorised; NaN propagates): where it is, the slow part of
+        # ``max(dim=1)``, is only needed for the rows that enter a top-k list (below).
+        values = rows.amax(dim=1)
         total = rows.sum(dim=1)
         # Sum of squares as the squared 2-norm: one vectorised pass, no (R, M) temporary
         # (several times faster than a batched dot product on CPU).
         squares = torch.linalg.vector_norm(rows, dim=1).square()
         self._histogram(rows, total, compiled)
-        values, where = values.view(n, c), where.view(n, c)
-        total, squares = total.view(n, c), squares.view(n, c)
+        values, total, squares = values.view(n, c), total.view(n, c), squares.view(n, c)
         self.images += n
         self.sum += total.double().sum(0)
         self.sumsq += squares.double().sum(0)
         self.max = torch.maximum(self.max, values.amax(0))
         idx = indices.to(self.device, torch.int64).view(n, 1).expand(n, c)
-        loc = torch.stack([where // w, where % w], dim=-1).to(torch.int32)
+        scores = {name: values if name == "max" else total / float(h * w)
+                  for name in self.rankings}
+        picks = {name: _pick_top(self.top[name], scores[name].T, idx.T)
+                 for name in self.rankings}
+        location = self._locate(rows, values, picks, c, w)
         for name in self.rankings:
-            score = values if name == "max" else total / float(h * w)
-            _merge_top(self.top[name], score.T, idx.T, loc.transpose(0, 1))
+            _apply_top(self.top[name], scores[name].T, idx.T, location.transpose(0, 1),
+                       picks[name])
+
+    def _locate(self, rows: torch.Tensor, values: torch.Tensor,
+                picks: dict[str, torch.Tensor], c: int, w: int) -> torch.Tensor:
+        """(N, C, 2) (row, col) of every row's spatial max, for the rows that enter a top-k
+        list (``picks``: the chosen columns (C, k), those >= k are this batch's images);
+        other rows get a placeholder that no list keeps. ``max(dim=1)`` on just those rows
+        gives exactly what it gives on the whole batch (first position of the max; NaN
+        wins): after the first batches few images enter, so most rows never pay for the
+        position (``max`` with indices is several times slower than ``amax``). ``values``
+        (N, C) takes the max that ``max`` returns for those rows (the same number; this keeps
+        the very element, down to the sign of a zero)."""
+        r = rows.shape[0]
+        k = next(iter(picks.values())).shape[1]
+        wanted = torch.cat([((pick - k) * c + torch.arange(c, device=pick.device).view(c, 1)
+                             )[pick >= k] for pick in picks.values()])
+        location = torch.zeros(r, 2, dtype=torch.int32, device=rows.device)
+        if wanted.numel() == 0:
+            return location.view(-1, c, 2)
+        flat = values.view(-1)
+        if wanted.numel() * 2 >= r:  # most rows: one pass over all of them
+            best, where = rows.max(dim=1)
+            location[:, 0], location[:, 1] = where // w, where % w
+            flat.copy_(best)
+        else:
+            unique = torch.unique(wanted)
+            best, where = rows[unique].max(dim=1)
+            location.index_copy_(0, unique, torch.stack([where // w, where % w], 1).to(
+                torch.int32))
+            flat.index_copy_(0, unique, best)
+        return location.view(-1, c, 2)
 
     def _histogram(self, rows: torch.Tensor, total: torch.Tensor, compiled: bool) -> None:
         """Count every value of ``rows`` (R = N x C rows of M values) into ``hist`` and
@@ -236,6 +280,9 @@ class ChannelStats:
         span_c = max(1, min(c, CHUNK // (span_m * span_n)))
         local = (torch.arange(span_c, device=device, dtype=torch.int32) * stride).view(1, -1, 1)
         shifted = local - 106  # the constant of :func:`_fast_pow2_keys`, folded in once
+        span = span_c * span_n * span_m
+        work = (torch.empty(span, dtype=torch.int32, device=device),
+                torch.empty(span, dtype=torch.int32, device=device))
         for c0 in range(0, c, span_c):
             c1 = min(c0 + span_c, c)
             offsets = local[:, :c1 - c0]
@@ -245,7 +292,7 @@ class ChannelStats:
                 for m0 in range(0, m, span_m):
                     tile = x[n0:n0 + span_n, c0:c1, m0:m0 + span_m]
                     if fast:
-                        keys = _fast_pow2_keys(tile, shifted[:, :c1 - c0]).view(-1)
+                        keys = _fast_pow2_keys(tile, shifted[:, :c1 - c0], work).view(-1)
                     else:
                         keys = _keys(tile, self.edges, self._pow2, offsets).view(-1)
                     if on_cpu:
@@ -364,16 +411,30 @@ def _merge_top(top: dict[str, torch.Tensor], value: torch.Tensor, index: torch.T
     Order: value descending, then image index ascending (a total order, so the result is
     the same for any batching, sharding or merge order). NaN ranks below everything.
     """
-    k = top["value"].shape[1]
+    _apply_top(top, value, index, location, _pick_top(top, value, index))
+
+
+def _nan_last(value: torch.Tensor) -> torch.Tensor:
     value = value.float()
-    value = torch.where(torch.isnan(value), -float("inf"), value)  # nan_to_num would clip inf
-    values = torch.cat([top["value"], value], 1)
+    return torch.where(torch.isnan(value), -float("inf"), value)  # nan_to_num would clip inf
+
+
+def _pick_top(top: dict[str, torch.Tensor], value: torch.Tensor, index: torch.Tensor
+              ) -> torch.Tensor:
+    """The columns (C, k) of ``[top, candidates]`` that :func:`_merge_top` keeps, in order;
+    columns >= k are candidates."""
+    k = top["value"].shape[1]
+    values = torch.cat([top["value"], _nan_last(value)], 1)
     indices = torch.cat([top["index"], index], 1)
-    locations = torch.cat([top["location"], location], 1)
     by_index = torch.argsort(indices, dim=1, stable=True)
-    values, indices = values.gather(1, by_index), indices.gather(1, by_index)
-    locations = locations.gather(1, by_index.unsqueeze(-1).expand(-1, -1, 2))
-    order = torch.argsort(values, dim=1, descending=True, stable=True)[:, :k]
-    top["value"] = values.gather(1, order)
-    top["index"] = indices.gather(1, order)
-    top["location"] = locations.gather(1, order.unsqueeze(-1).expand(-1, -1, 2))
+    order = torch.argsort(values.gather(1, by_index), dim=1, descending=True, stable=True)
+    return by_index.gather(1, order[:, :k])
+
+
+def _apply_top(top: dict[str, torch.Tensor], value: torch.Tensor, index: torch.Tensor,
+               location: torch.Tensor, pick: torch.Tensor) -> None:
+    """Keep the columns ``pick`` of ``[top, candidates]`` (see :func:`_pick_top`)."""
+    top["value"] = torch.cat([top["value"], _nan_last(value)], 1).gather(1, pick)
+    top["index"] = torch.cat([top["index"], index], 1).gather(1, pick)
+    locations = torch.cat([top["location"], location], 1)
+    top["location"] = locations.gather(1, pick.unsqueeze(-1).expand(-1, -1, 2))
