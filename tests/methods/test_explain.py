@@ -27,6 +27,7 @@ def resnet():
     return torchvision.models.resnet18(num_classes=7).eval()
 
 
+@pytest.mark.slow
 def test_topk_classes_maps_and_probabilities_match_cam_and_predict(lite0):
     x = lite0.preprocess("sample:coffee")
     explanation = convscope.explain(lite0, "sample:coffee", topk=3)
