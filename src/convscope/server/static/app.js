@@ -252,7 +252,11 @@ function gridQuery(layer) {
 }
 async function updateGrid() {
   if (!state.layer) return;
-  const info = await getJSON("/api/grid?" + gridQuery(state.layer));
+  // The picture must match the layout: both URLs from one snapshot of the view, and a
+  // layout that arrives after the view moved on (another model, image or layer) is dropped.
+  const params = gridQuery(state.layer);
+  const info = await getJSON("/api/grid?" + params);
+  if (params !== gridQuery(state.layer)) return;
   gridInfo = info;
   const s = info.stats;
   $("layer-stats").textContent =
@@ -261,7 +265,7 @@ async function updateGrid() {
     `inactive on this image: ${s.dead_count}` + (s.dead_count ?
       ` (${s.dead_channels.slice(0, 12).join(", ")}` + (s.dead_count > 12 ? ", …)" : ")") : "") +
     " (dead channels are a dataset question: see the atlas)";
-  setImage($("grid-img"), "/api/grid.png?" + gridQuery(state.layer));
+  setImage($("grid-img"), "/api/grid.png?" + params);
 }
 async function updateChannel() {
   const title = $("channel-title");
@@ -273,7 +277,10 @@ async function updateChannel() {
     $("filter-title").hidden = $("filter-img").hidden = true;
     return;
   }
-  const info = await getJSON("/api/channel?" + query({ layer: state.layer, channel: state.channel }));
+  const params = query({ layer: state.layer, channel: state.channel });
+  const info = await getJSON("/api/channel?" + params);
+  // The view moved on while this loaded (as in updateGrid): the newer call draws it.
+  if (params !== query({ layer: state.layer, channel: state.channel })) return;
   title.textContent = `${state.layer} · channel ${state.channel}`;
   setImage($("channel-img"), "/api/channel.png?" +
     query({ layer: state.layer, channel: state.channel, cmap: state.cmap }));
