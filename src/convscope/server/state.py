@@ -170,6 +170,7 @@ class ModelEntry:
     lock: threading.RLock = field(default_factory=threading.RLock)
     _load_lock: threading.Lock = field(default_factory=threading.Lock)
     _executor: ThreadPoolExecutor | None = None
+    _hints: Any = None
 
     def run(self, work: Callable[[], V]) -> V:
         """Run ``work`` (a forward pass, CAM) on this model's own thread, under its lock.
@@ -209,6 +210,15 @@ class ModelEntry:
                         log.info("loading model %s (%s)", self.name, self.spec)
                         self.loaded = load_model(self.spec, device=self.device)
         return self.loaded
+
+    def hints(self) -> Any:
+        """:func:`convscope.spatial.model_hints` of the model, read once: it walks every
+        module and parameter (about 2 ms for EfficientNet-Lite0), and every pass needs it."""
+        if self._hints is None:
+            from ..spatial import model_hints
+
+            self._hints = model_hints(self.get().module)
+        return self._hints
 
     def layer_table(self) -> list[Any]:
         """:func:`convscope.list_layers` rows for the model's input size (computed once)."""
@@ -459,14 +469,16 @@ class ServerState:
     def _capture(self, entry: ModelEntry, x: Any, layers: Any
                  ) -> tuple[dict[str, Any], list[Any]]:
         """One forward pass on the model's thread: kept activations and the top-10."""
-        loaded = entry.get()
-        return entry.run(lambda: self._pass(loaded, x, layers))
+        return entry.run(lambda: self._pass(entry, x, layers))
 
-    def _pass(self, loaded: Any, x: Any, layers: Any) -> tuple[dict[str, Any], list[Any]]:
+    def _pass(self, entry: ModelEntry, x: Any, layers: Any
+              ) -> tuple[dict[str, Any], list[Any]]:
         """One forward pass on the calling thread (the model's): activations, top-10."""
         from ..hooks import capture
         from ..layers import first_tensor
-        from ..spatial import NoSpatialMapError
+        from ..spatial import NoSpatialMapError, spatial_maps
+
+        loaded = entry.get()
 
         if not layers:
             predictions = loaded.predict(x, k=10)[0]
@@ -479,9 +491,13 @@ class ServerState:
             predictions = loaded.predict(x, k=10)[0]
         self.forward_count += 1
         kept: dict[str, Any] = {}
+        hints = entry.hints()
         for name in acts:
             try:  # one reading for every view: conv maps, channels-last, patch tokens
-                kept[name] = acts.maps(name)[0]
+                # (``acts.maps(name)`` with the model's hints read once, not per pass)
+                kept[name] = spatial_maps(
+                    acts.calls(name)[-1], model=hints, module=acts.modules.get(name),
+                    input_hw=acts.input_hw, batch_size=acts.batch_size, name=name)[0]
                 continue
             except NoSpatialMapError:
                 pass
@@ -508,7 +524,7 @@ class ServerState:
 
         def first_pass() -> ForwardResult:
             x = loaded.preprocess(pil)
-            acts, predictions = self._pass(loaded, x, [layer] if layer else [])
+            acts, predictions = self._pass(entry, x, [layer] if layer else [])
             display = to_pil(loaded.transform.to_display(x[0].detach().cpu()))
             return ForwardResult(x=x, display=display, predictions=predictions, acts=acts)
 

@@ -74,12 +74,12 @@ def models_view(state: ServerState) -> list[dict[str, Any]]:
 def layers_view(state: ServerState, model: str) -> list[dict[str, Any]]:
     """The layer table: name, type, output shape, receptive field, and whether the layer
     can be drawn (``spatial``) and has filters (``conv``)."""
-    from ..spatial import model_hints, spatial_layout
+    from ..spatial import spatial_layout
 
     entry = state.models[model]
     loaded = entry.get()
     modules = dict(loaded.module.named_modules())
-    hints = model_hints(loaded.module)
+    hints = entry.hints()
     rows = []
     for info in entry.layer_table():
         row = info.as_dict()
@@ -428,7 +428,7 @@ def visualization_png(state: ServerState, model: str, layer: str, channel: int,
     computed here, from the job, with ``progress`` hearing of every step; ``start=False``:
     None instead)."""
     from ..featvis import visualize
-    from ..spatial import model_hints, spatial_layout
+    from ..spatial import spatial_layout
 
     settings = state.settings
     key = ("vis", model, layer, channel, settings.vis_steps, settings.vis_size)
@@ -441,7 +441,7 @@ def visualization_png(state: ServerState, model: str, layer: str, channel: int,
     shape = info.output_shape
     if not shape:
         raise NoSpatialMapError(f"layer {layer!r} produced no tensor output")
-    layout = spatial_layout((1, *shape), model=model_hints(loaded.module),
+    layout = spatial_layout((1, *shape), model=entry.hints(),
                             module=dict(loaded.module.named_modules()).get(layer),
                             input_hw=loaded.input_size[-2:], batch_size=1, name=layer)
     if not 0 <= channel < layout.channels:
