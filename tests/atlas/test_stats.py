@@ -158,7 +158,7 @@ def test_tiles_bound_memory_and_do_not_change_results(monkeypatch):
             return function(tile, *args)
         return wrapper
 
-    for name in ("_keys", "_fast_pow2_keys"):
+    for name in ("_keys", "_pow2_codes"):
         monkeypatch.setattr(stats_module, name, recording(getattr(stats_module, name)))
     for chunk in (4, 15, 31):  # cut rows of 15; exactly one row; two rows
         monkeypatch.setattr(stats_module, "CHUNK", chunk)

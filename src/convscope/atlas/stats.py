@@ -72,7 +72,7 @@ def _keys(x: torch.Tensor, edges: torch.Tensor, pow2: bool, offsets: torch.Tenso
     ``len(edges) + 1``) plus its row's channel offset, for one ``bincount``.
 
     Only integers come out, so every exact way of computing them (this function compiled,
-    :func:`_fast_pow2_keys` with the NaN moved, bucketize) gives bit-identical histograms.
+    :func:`_pow2_codes` mapped to bins with the NaN moved, bucketize) gives bit-identical histograms.
     """
     x = x.float()
     if pow2:
@@ -83,22 +83,33 @@ def _keys(x: torch.Tensor, edges: torch.Tensor, pow2: bool, offsets: torch.Tenso
     return bins + offsets
 
 
-def _fast_pow2_keys(x: torch.Tensor, offsets: torch.Tensor,
-                    work: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """:func:`_keys` for :data:`DEFAULT_EDGES` in a dozen cheap in-place integer ops and
-    no ``torch.where`` (on CPU ``where`` costs more than all the others together), except
-    for NaN: a NaN with the sign bit clear lands in the last value bin, one with the sign
-    bit set in bin 0, and the caller moves them (rows holding NaN are known from their NaN
-    sum). ``offsets`` must already include ``-106`` (see below).
+#: Exponent codes :func:`_pow2_codes` keeps apart: ``q`` clamped to ``[-134, 133]``.
+CODES = 268
+
+
+def _code_bins(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The :data:`DEFAULT_EDGES` bin of every exponent code of :func:`_pow2_codes` (int64
+    (CODES,)): ``q < 0``: ``133 - clamp(-q - 1, 120, 133)``; ``q >= 0``:
+    ``clamp(q, 120, 133) - 106``."""
+    q = torch.arange(-134, 134, device=device)
+    return torch.where(q < 0, 133 - (-q - 1).clamp(120, 133), q.clamp(120, 133) - 106)
+
+
+def _pow2_codes(x: torch.Tensor, offsets: torch.Tensor,
+                work: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Exponent code of every float32 value of ``x`` plus ``offsets`` (which must include
+    the ``+134`` that makes codes start at 0): eight cheap integer ops, no ``torch.where``
+    (on CPU ``where`` costs more than all of them together). :func:`_code_bins` maps codes
+    to :data:`DEFAULT_EDGES` bins once per layer, on the counts, not on every value.
 
     The float's sign and magnitude bits become a two's complement integer ``u`` (``m`` for
     x >= 0, ``-m`` for x < 0, both zeros 0), which is monotone in x; then
     ``q = floor((u - 1) / 2**23)`` satisfies, for every edge ``e = +-2**k`` with biased
     exponent ``E = k + 127``, ``x > e`` exactly when ``q >= +-E`` (and ``x > 0`` when
-    ``q >= 0``). The bin (the number of edges below x) is then ``clamp(q, 120, 133) - 106``
-    for ``q >= 0`` and ``133 - clamp(-q - 1, 120, 133)`` for ``q < 0``: one clamp between
-    two sign flips (``q ^ (q >> 31)`` maps q < 0 to ``-q - 1``). Tested against
-    ``bucketize`` on every power of two, its neighbours, zeros, subnormals and infinities.
+    ``q >= 0``), so the bin (the number of edges below x) is a function of ``q`` clamped to
+    ``[-134, 133]``. Tested against ``bucketize`` on every power of two, its neighbours,
+    zeros, subnormals and infinities. A NaN with the sign bit clear gets the top code (the
+    last value bin), one with the sign bit set code 0 (bin 0): the caller moves them.
 
     ``work``: two contiguous int32 buffers of at least ``x.numel()`` values to compute in
     (the result is the second): a fresh tensor per op costs more than the op itself (a
@@ -112,10 +123,7 @@ def _fast_pow2_keys(x: torch.Tensor, offsets: torch.Tensor,
         sign = torch.bitwise_right_shift(bits, 31, out=work[0][:x.numel()].view(x.shape))
         q = torch.bitwise_and(bits, 0x7FFFFFFF, out=work[1][:x.numel()].view(x.shape))
     q.bitwise_xor_(sign).sub_(sign).sub_(1).bitwise_right_shift_(23)  # floor((u - 1) / 2**23)
-    sign = torch.bitwise_right_shift(q, 31, out=sign)  # now: -1 where x <= 0
-    q.bitwise_xor_(sign).clamp_(120, 133).bitwise_xor_(sign)  # q < 0: -1 - clamp(-q - 1)
-    q.sub_(sign.mul_(240))  # q < 0: 133 - clamp(...) + 106; else clamp(...)
-    return q.add_(offsets)
+    return q.clamp_(-134, 133).add_(offsets)
 
 
 def _counts(x: torch.Tensor, edges: torch.Tensor, pow2: bool, offsets: torch.Tensor,
@@ -265,51 +273,54 @@ class ChannelStats:
 
         A tile is the block ``x[n0:n1, c0:c1, m0:m1]`` of at most :data:`CHUNK` values
         (whole maps of a few channels for all images when they fit, else fewer images, else
-        pieces of one map), so its keys only span the ``c1 - c0`` channels it holds: each
-        ``bincount`` makes ``(c1 - c0) x stride`` counts, never the whole layer's ``C x
-        stride`` (zeroing and adding those per tile used to cost more than the bin ids).
-        The bin ids of one tile and their temporaries are all the extra memory and stay in
-        the cache."""
+        pieces of one map). With the default edges each value's exponent code
+        (:func:`_pow2_codes`, 8 integer ops) is counted per channel with ``index_add_`` into
+        ``(C, CODES)`` counts, mapped to bins once at the end; other edges count bins
+        (``bucketize``; on a GPU the exact :func:`_keys`). The tile and its two int32 work buffers (~12 bytes a value, under
+        400 KB) are all the extra memory and stay in the cache; no per-tile zeroing or
+        allocation of counts."""
         n, c, m = x.shape
         device = x.device
-        counts = torch.zeros(c, stride, dtype=torch.int64, device=device)
-        on_cpu = device.type == "cpu"
-        fast = self._pow2 and on_cpu  # on a GPU the exact kernel is cheap; no host sync
+        fast = self._pow2 and device.type == "cpu"  # on a GPU the exact kernel is cheap and
+        # needs no host sync for NaN
+        width = CODES if fast else stride
+        counts = torch.zeros(c * width, dtype=torch.int64, device=device)
         span_m = min(m, CHUNK)
         span_n = max(1, min(n, CHUNK // span_m))
         span_c = max(1, min(c, CHUNK // (span_m * span_n)))
-        local = (torch.arange(span_c, device=device, dtype=torch.int32) * stride).view(1, -1, 1)
-        shifted = local - 106  # the constant of :func:`_fast_pow2_keys`, folded in once
+        local = (torch.arange(span_c, device=device, dtype=torch.int32) * width).view(1, -1, 1)
+        if fast:
+            local += 134  # codes start at 0
         span = span_c * span_n * span_m
         work = (torch.empty(span, dtype=torch.int32, device=device),
                 torch.empty(span, dtype=torch.int32, device=device))
+        ones = torch.ones((), dtype=torch.int64, device=device).expand(span)
         for c0 in range(0, c, span_c):
             c1 = min(c0 + span_c, c)
             offsets = local[:, :c1 - c0]
-            size = (c1 - c0) * stride
-            block = counts[c0:c1].view(-1)
+            block = counts[c0 * width:c1 * width]
             for n0 in range(0, n, span_n):
                 for m0 in range(0, m, span_m):
                     tile = x[n0:n0 + span_n, c0:c1, m0:m0 + span_m]
                     if fast:
-                        keys = _fast_pow2_keys(tile, shifted[:, :c1 - c0], work).view(-1)
+                        keys = _pow2_codes(tile, offsets, work).view(-1)
                     else:
                         keys = _keys(tile, self.edges, self._pow2, offsets).view(-1)
-                    if on_cpu:
-                        block += torch.bincount(keys, minlength=size)
-                    else:  # bincount would sync with the host to size its output
-                        block.index_add_(0, keys, _ones(keys))
-        if fast:
-            # Rows that can hold NaN: a NaN makes the row's sum NaN (so does +inf with
-            # -inf). Rare, so they are fixed afterwards, row by row.
-            suspects = torch.isnan(total).nonzero().view(-1)
-            if suspects.numel():
-                self._move_nan(x.reshape(n * c, m)[suspects], suspects % c, counts)
-        return counts
+                    block.index_add_(0, keys, ones[:keys.numel()])
+        if not fast:
+            return counts.view(c, stride)
+        bins = torch.zeros(c, stride, dtype=torch.int64, device=device)
+        bins.index_add_(1, _code_bins(device), counts.view(c, CODES))
+        # Rows that can hold NaN: a NaN makes the row's sum NaN (so does +inf with -inf).
+        # Rare, so they are fixed afterwards, row by row.
+        suspects = torch.isnan(total).nonzero().view(-1)
+        if suspects.numel():
+            self._move_nan(x.reshape(n * c, m)[suspects], suspects % c, bins)
+        return bins
 
     def _move_nan(self, rows: torch.Tensor, channels: torch.Tensor, counts: torch.Tensor
                   ) -> None:
-        """Move the NaN that :func:`_fast_pow2_keys` put in the outer bins of ``rows`` (of
+        """Move the NaN that :func:`_pow2_codes` put in the outer bins of ``rows`` (of
         ``channels``) to the NaN bin of ``counts`` (C, stride)."""
         bits = rows.view(torch.int32)
         nan = (bits & 0x7FFFFFFF) > 0x7F800000
