@@ -372,3 +372,38 @@ def test_channel_visualisation_button(browser, server_url):
     wait_image(page, "vis-img", f"channel={channel}")  # known: shown without the button
     assert errors == []
     page.close()
+
+
+def test_late_grid_reply_is_dropped(browser, server_url):
+    """A grid layout that arrives after the view moved on (here: another model) neither
+    overwrites the new layer's statistics nor asks for a picture without a layer."""
+    page, errors = open_page(browser, server_url + "/#image=sample:chelsea&layer=_blocks.3")
+    wait_image(page, "grid-img", "layer=_blocks.3")
+    page.wait_for_function("() => document.getElementById('layer-stats').textContent"
+                           ".startsWith('_blocks.3: 40 channels')")
+    held = []
+
+    def hold(route) -> None:  # the next layout request waits until released below
+        if held:
+            route.continue_()
+        else:
+            held.append(route)
+
+    page.route("**/api/grid?*", hold)
+    page.select_option("#normalize", "layer")
+    page.wait_for_function("() => location.hash.includes('normalize=layer')")
+    deadline = time.monotonic() + 10
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(20)
+    assert held, "the page asked for no grid layout"
+    page.select_option("#model", "random")
+    wait_image(page, "grid-img", "model=random")
+    stats = page.locator("#layer-stats")
+    page.wait_for_function("() => document.getElementById('layer-stats').textContent"
+                           ".startsWith('features: 4 channels')")
+    held[0].continue_()  # the stale Lite0 layout arrives now
+    page.wait_for_timeout(500)
+    assert stats.text_content().startswith("features: 4 channels")
+    assert "model=random" in page.locator("#grid-img").get_attribute("src")
+    assert errors == []
+    page.close()
