@@ -200,13 +200,23 @@ class ChannelStats:
             rows = rows.float().contiguous()
         # The spatial max alone (vectorised; NaN propagates): where it is, the slow part of
         # ``max(dim=1)``, is only needed for the rows that enter a top-k list (below).
-        values = rows.amax(dim=1)
-        total = rows.sum(dim=1)
         # Sum of squares as the squared 2-norm: one vectorised pass, no (R, M) temporary
         # (several times faster than a batched dot product on CPU).
-        squares = torch.linalg.vector_norm(rows, dim=1).square()
-        self._histogram(rows, total, compiled)
-        values, total, squares = values.view(n, c), total.view(n, c), squares.view(n, c)
+        values, total, norms = (torch.empty(n, c, dtype=torch.float32, device=rows.device)
+                                for _ in range(3))
+        # Eager on CPU with whole maps in a tile: the three reductions run tile by tile
+        # while the histogram has the tile in the cache (each row reduced by the same
+        # kernel as over the whole batch: the same numbers, one read of the batch instead
+        # of four).
+        fused = (not compiled and self._pow2 and rows.device.type == "cpu"
+                 and h * w <= CHUNK)
+        if not fused:
+            torch.amax(rows, dim=1, out=values.view(-1))
+            torch.sum(rows, dim=1, out=total.view(-1))
+            torch.linalg.vector_norm(rows, dim=1, out=norms.view(-1))
+        self._histogram(rows, total.view(-1), compiled,
+                        (values, total, norms) if fused else None)
+        squares = norms.square_()
         self.images += n
         self.sum += total.double().sum(0)
         self.sumsq += squares.double().sum(0)
@@ -251,7 +261,8 @@ class ChannelStats:
             flat.index_copy_(0, unique, best)
         return location.view(-1, c, 2)
 
-    def _histogram(self, rows: torch.Tensor, total: torch.Tensor, compiled: bool) -> None:
+    def _histogram(self, rows: torch.Tensor, total: torch.Tensor, compiled: bool,
+                   rowstats: tuple[torch.Tensor, ...] | None = None) -> None:
         """Count every value of ``rows`` (R = N x C rows of M values) into ``hist`` and
         ``nan``. Compiled: one fused kernel that stores no bin id. Eager: tiles of at most
         :data:`CHUNK` values (see :meth:`_eager_counts`)."""
@@ -263,12 +274,13 @@ class ChannelStats:
                                         c * stride)
             counts = counts.view(c, stride)
         else:
-            counts = self._eager_counts(rows.view(-1, c, rows.shape[1]), total, stride)
+            counts = self._eager_counts(rows.view(-1, c, rows.shape[1]), total, stride,
+                                        rowstats)
         self.hist += counts[:, :-1]
         self.nan += counts[:, -1]
 
-    def _eager_counts(self, x: torch.Tensor, total: torch.Tensor, stride: int
-                      ) -> torch.Tensor:
+    def _eager_counts(self, x: torch.Tensor, total: torch.Tensor, stride: int,
+                      rowstats: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """Histogram counts ``(C, stride)`` of ``x`` (N, C, M), tile by tile.
 
         A tile is the block ``x[n0:n1, c0:c1, m0:m1]`` of at most :data:`CHUNK` values
@@ -278,7 +290,8 @@ class ChannelStats:
         ``(C, CODES)`` counts, mapped to bins once at the end; other edges count bins
         (``bucketize``; on a GPU the exact :func:`_keys`). The tile and its two int32 work buffers (~12 bytes a value, under
         400 KB) are all the extra memory and stay in the cache; no per-tile zeroing or
-        allocation of counts."""
+        allocation of counts. ``rowstats``: (N, C) outputs for each row's max, sum and
+        2-norm, filled tile by tile (whole maps only: ``M <= CHUNK``)."""
         n, c, m = x.shape
         device = x.device
         fast = self._pow2 and device.type == "cpu"  # on a GPU the exact kernel is cheap and
@@ -302,6 +315,11 @@ class ChannelStats:
             for n0 in range(0, n, span_n):
                 for m0 in range(0, m, span_m):
                     tile = x[n0:n0 + span_n, c0:c1, m0:m0 + span_m]
+                    if rowstats is not None:
+                        where = (slice(n0, n0 + span_n), slice(c0, c1))
+                        torch.amax(tile, dim=-1, out=rowstats[0][where])
+                        torch.sum(tile, dim=-1, out=rowstats[1][where])
+                        torch.linalg.vector_norm(tile, dim=-1, out=rowstats[2][where])
                     if fast:
                         keys = _pow2_codes(tile, offsets, work).view(-1)
                     else:
