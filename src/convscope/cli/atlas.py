@@ -109,6 +109,11 @@ class _Progress:
         print(f"atlas: {done}/{total} images  {rate:.1f} images/s  ETA {eta_text}{scope}",
               file=sys.stderr, flush=True)
 
+    def phase(self, name: str, done: int, total: int | None) -> None:
+        """The other phases (compile warm-up, crops, HTML): a line at start and end."""
+        if self.enabled and name != "atlas images" and (done == 0 or done == total):
+            print(f"{name}: {done}/{total}", file=sys.stderr, flush=True)
+
 
 def run_atlas(args: argparse.Namespace) -> int:
     """``convscope atlas``."""
@@ -140,7 +145,8 @@ def run_atlas(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, workers=args.workers, out=args.out,
             resume=args.resume, force=args.force, checkpoint_every=args.checkpoint_every,
             fused=args.fused, crops=not args.no_crops, crop_size=args.crop_size,
-            progress=_Progress(world, enabled=not args.quiet and rank == 0),
+            progress=(shown := _Progress(world, enabled=not args.quiet and rank == 0)),
+            phases=shown.phase,
         )
         if rank == 0 and args.visualize:
             _visualize(loaded, atlas, args)
