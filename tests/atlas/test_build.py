@@ -432,10 +432,11 @@ def test_one_reduction_per_run_chosen_from_the_whole_run(monkeypatch):
     probes: list[str] = []
     monkeypatch.setattr(build_module, "_probe_compile", lambda device: probes.append("ok"))
     choose = build_module._choose_reduction
-    cpu = torch.device("cpu")
-    threshold = build_module.AUTO_COMPILE_BATCHES["cpu"]
-    assert choose("auto", threshold - 1, cpu, None, 1) is False
-    assert choose("auto", threshold, cpu, None, 1) is True
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    threshold = build_module.AUTO_COMPILE_BATCHES["cuda"]
+    assert choose("auto", threshold - 1, cuda, None, 1) is False
+    assert choose("auto", threshold, cuda, None, 1) is True
+    assert choose("auto", 10**6, cpu, None, 1) is False  # CPU: eager is the faster one
     assert choose("eager", 10**6, cpu, None, 1) is False
     assert choose("auto", 1, cpu, True, 1) is True  # resumed: the recorded reduction
     assert choose("compile", 10**6, cpu, False, 1) is False
@@ -445,7 +446,7 @@ def test_one_reduction_per_run_chosen_from_the_whole_run(monkeypatch):
         raise RuntimeError("no compiler")
 
     monkeypatch.setattr(build_module, "_probe_compile", broken)
-    assert choose("auto", threshold, cpu, None, 1) is False
+    assert choose("auto", threshold, cuda, None, 1) is False
     with pytest.raises(build_module.AtlasError, match="no compiler"):
         choose("compile", 1, cpu, None, 1)
     source = build_module._Source(None, [f"item[{i}]" for i in range(41)], None, "x", (3, 8, 8))

@@ -35,6 +35,8 @@ class Atlas:
     def __init__(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]):
         self.meta = meta
         self._arrays = arrays
+        #: The folder the atlas was saved to or loaded from (crops live there), or None.
+        self.folder: Path | None = None
 
     # ------------------------------------------------------------------ contents
 
@@ -144,6 +146,7 @@ class Atlas:
         np.savez(tmp, **self._arrays)
         os.replace(tmp, folder / "atlas.npz")
         (folder / "atlas.json").write_text(json.dumps(self.meta, indent=1))
+        self.folder = folder
         return folder
 
     @classmethod
@@ -163,7 +166,69 @@ class Atlas:
             )
         with np.load(array_path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
-        return cls(meta, arrays)
+        atlas = cls(meta, arrays)
+        atlas.folder = folder
+        return atlas
+
+    #: Most layer rows and crop strips :meth:`_repr_html_` shows.
+    REPR_LAYERS = 12
+    REPR_STRIPS = 3
+
+    def _repr_html_(self) -> str:
+        """A compact notebook summary: model, images, reduction, then one row per layer
+        (type, shape, dead / saturated channels, mean fraction of positive values, max)
+        and, when the atlas was saved with crops, the top-k crop strips of the
+        :data:`REPR_STRIPS` channels with the highest max of the last layer, inline."""
+        from html import escape
+
+        settings = self.meta.get("settings", {})
+        rows = []
+        for layer in self.layers[:self.REPR_LAYERS]:
+            stats = self.stats(layer)
+            info = self.meta["layers"][layer]
+            channels = len(stats["dead"])
+            rows.append(
+                f"<tr><td><code>{escape(layer)}</code></td><td>{escape(str(info.get('type')))}"
+                f"</td><td>{'x'.join(str(v) for v in info.get('shape', []))}</td>"
+                f"<td>{int(stats['dead'].sum())} / {channels}</td>"
+                f"<td>{int(stats['saturated'].sum())}</td>"
+                f"<td>{float(np.mean(stats['frac_positive'])):.3f}</td>"
+                f"<td>{float(np.max(stats['max'])) if channels else float('nan'):.3g}</td>"
+                "</tr>")
+        more = len(self.layers) - self.REPR_LAYERS
+        if more > 0:
+            rows.append(f"<tr><td colspan=7>... {more} more layers</td></tr>")
+        head = (f"<b>Atlas</b> of <code>{escape(str(self.meta.get('model')))}</code>: "
+                f"{len(self.images)} images ({len(self.skipped)} skipped), "
+                f"{len(self.layers)} layers, top-{settings.get('topk', '?')} by "
+                f"{', '.join(self.rankings)}, {escape(str(settings.get('reduction', '?')))} "
+                "reduction")
+        table = ("<table><tr><th>layer</th><th>type</th><th>C x H x W</th><th>dead</th>"
+                 "<th>saturated</th><th>mean frac. positive</th><th>max</th></tr>"
+                 + "".join(rows) + "</table>")
+        return f"<div>{head}{table}{self._repr_strips()}</div>"
+
+    def _repr_strips(self) -> str:
+        """Inline ``<img>`` of a few crop strips of the last layer (empty without crops)."""
+        import base64
+
+        crops = self.meta.get("crops")
+        if self.folder is None or not crops or not self.layers:
+            return ""
+        layer = self.layers[-1]
+        maxima = np.nan_to_num(self.stats(layer)["max"], nan=-np.inf)
+        parts = []
+        for channel in np.argsort(-maxima, kind="stable")[:self.REPR_STRIPS]:
+            path = self.folder / crops["pattern"].format(layer=layer, channel=int(channel))
+            if not path.is_file():
+                continue
+            data = base64.b64encode(path.read_bytes()).decode("ascii")
+            parts.append(f"<div>channel {int(channel)}<br><img src=\"data:image/jpeg;base64,"
+                         f"{data}\" style=\"height:{int(crops.get('size', 64))}px\"></div>")
+        if not parts:
+            return ""
+        return (f"<p>Top crops of <code>{layer}</code> (channels with the highest max):</p>"
+                + "".join(parts))
 
     def __repr__(self) -> str:
         return (f"Atlas({self.meta['model']!r}, {len(self.images)} images, "

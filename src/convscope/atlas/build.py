@@ -27,6 +27,7 @@ from torch import nn
 from convscope.hooks import forward_hooks, preserve_training
 from convscope.layers import LayerSpec, list_layers, resolve_layers
 from convscope.models import LoadedModel, Preprocess, load_model
+from convscope.progress import ProgressCallback, report
 
 from .atlas import FORMAT, FORMAT_VERSION, Atlas
 from .data import ImageFiles, IndexedDataset, Listing, collate, dataset_names, list_images, shard
@@ -39,9 +40,11 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int, float], None]
 
 CHECKPOINT = "checkpoint{suffix}.pt"
-#: ``fused="auto"`` compiles runs of at least this many batches (all ranks together): the
-#: one-off compilation (a few seconds) is repaid by then.
-AUTO_COMPILE_BATCHES = {"cpu": 20, "cuda": 10}
+#: ``fused="auto"`` compiles runs of at least this many batches (all ranks together) on
+#: these device types: the one-off compilation (a few seconds) is repaid by then. Not on
+#: CPU: there the eager reduction (tile by tile, one read of the batch) is faster than the
+#: compiled histogram plus its separate max/sum/norm passes (docs/atlas.md).
+AUTO_COMPILE_BATCHES = {"cuda": 10}
 # Test hooks (environment): checkpoint every N batches; SIGKILL self after N batches.
 _ENV_CHECKPOINT_BATCHES = "CONVSCOPE_ATLAS_CHECKPOINT_BATCHES"
 _ENV_KILL_AFTER = "CONVSCOPE_ATLAS_KILL_AFTER"
@@ -69,6 +72,7 @@ def build(
     max_pixels: int | None = None,
     progress: Progress | None = None,
     distributed: bool | None = None,
+    phases: ProgressCallback | None = None,
 ) -> Atlas:
     """Record per-channel statistics and the top-``topk`` images of every channel of
     ``layers`` over ``data``; save to ``out`` when given (atlas.json, atlas.npz, crops/,
@@ -89,6 +93,14 @@ def build(
     ``checkpoint_every`` seconds) and ends with the same result. Under ``torchrun``
     (``torch.distributed`` initialised) every rank processes a disjoint shard and all ranks
     return the merged atlas; rank 0 writes the files.
+
+    ``progress(done, total, elapsed)`` hears of the pass (this process's images).
+    ``phases`` (a :class:`convscope.progress.ProgressCallback`, e.g.
+    :class:`~convscope.progress.TqdmProgress`) hears of every phase as
+    ``(phase, done, total)``: ``"atlas compile"`` (0/1, 1/1 around the compile warm-up,
+    only when the run compiles), ``"atlas images"`` (images of this process),
+    ``"atlas crops"`` (one unit per image read and per channel strip written) and
+    ``"atlas html"`` (0/1, 1/1), the last two on rank 0 only.
     """
     topk = int(topk)
     if topk < 1:
@@ -146,10 +158,10 @@ def build(
             ckpt.unlink()  # left by a crash after the atlas was written
         return Atlas.load(out_dir)  # type: ignore[arg-type]
     batches = _batch_count(source, batch_size)
-    compiled = _choose_reduction(fused, batches, loaded.device, recorded, world)
+    compiled = _choose_reduction(fused, batches, loaded.device, recorded, world, phases)
     run.compiled = compiled
     clock = time.perf_counter()
-    run.execute(batch_size, workers, ckpt, fingerprint, checkpoint_every, progress)
+    run.execute(batch_size, workers, ckpt, fingerprint, checkpoint_every, progress, phases)
     log.info("timing rank %d: pass %.3f s for %d images", rank,
              time.perf_counter() - clock, len(run.shard))
 
@@ -171,12 +183,15 @@ def build(
             atlas.meta["crops"] = {"pattern": crop_path("{layer}", "{channel}"),
                                    "size": int(crop_size), "by": atlas.rankings[0]}
             write_crops(atlas, out_dir, source.dataset, run.original,
-                        loaded.transform.to_display, crop_size=crop_size, workers=workers)
+                        loaded.transform.to_display, crop_size=crop_size, workers=workers,
+                        progress=phases)
         atlas.save(out_dir)
         if html:
             from .html import write_html
 
+            report(phases, "atlas html", 0, 1)
             write_html(atlas, out_dir)
+            report(phases, "atlas html", 1, 1)
     log.info("timing rank %d: write %.3f s", rank, time.perf_counter() - clock)
     if world > 1:
         import torch.distributed as dist
@@ -439,7 +454,8 @@ class _Run:
         )
 
     def execute(self, batch_size: int, workers: int, ckpt: Path | None,
-                fingerprint: str, checkpoint_every: float, progress: Progress | None) -> None:
+                fingerprint: str, checkpoint_every: float, progress: Progress | None,
+                phases: ProgressCallback | None = None) -> None:
         if self.batch_size is not None and self.batch_size != batch_size:
             log.warning("resuming with the checkpoint's batch size %d (asked %d) so the "
                         "result matches an uninterrupted run", self.batch_size, batch_size)
@@ -469,6 +485,8 @@ class _Run:
         last_ckpt = start
         done_batches = 0
         uses_user_loader = self.source.loader is not None
+        report(phases, "atlas images",
+               self.position_images if uses_user_loader else self.position, total)
         with preserve_training(model), torch.inference_mode(), \
                 forward_hooks(self.modules, hook):
             model.eval()
@@ -496,9 +514,10 @@ class _Run:
                         or (not every_batches and now - last_ckpt >= checkpoint_every)):
                     self.save_checkpoint(ckpt, fingerprint)
                     last_ckpt = now
+                done = self.position_images if uses_user_loader else self.position
                 if progress is not None:
-                    done = self.position_images if uses_user_loader else self.position
                     progress(done, total, now - start)
+                report(phases, "atlas images", done, total)
                 if kill_after and done_batches >= kill_after:
                     os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like a crash
 
@@ -601,7 +620,7 @@ def _batch_count(source: _Source, batch_size: int) -> int:
 
 
 def _choose_reduction(fused: str, batches: int, device: torch.device, recorded: bool | None,
-                      world: int) -> bool:
+                      world: int, phases: ProgressCallback | None = None) -> bool:
     """One reduction for the whole run, agreed by all ranks: compiled or eager (True:
     compiled). A resumed run keeps the one its checkpoint recorded. Both give identical
     statistics; compiling only pays off for long runs."""
@@ -610,15 +629,18 @@ def _choose_reduction(fused: str, batches: int, device: torch.device, recorded: 
     if recorded is not None:
         want = recorded
     elif fused == "auto":
-        want = batches >= AUTO_COMPILE_BATCHES.get(device.type, AUTO_COMPILE_BATCHES["cpu"])
+        threshold = AUTO_COMPILE_BATCHES.get(device.type)
+        want = threshold is not None and batches >= threshold
     else:
         want = fused == "compile"
     ok, error = want, None
     if want:
+        report(phases, "atlas compile", 0, 1)  # the warm-up: seconds, silent otherwise
         try:
             _probe_compile(device)
         except Exception as caught:  # no C++ compiler, unsupported backend, ...
             ok, error = False, caught
+        report(phases, "atlas compile", 1, 1)
     agreed = _all_ranks(ok, world, device)
     if want and not agreed:
         if fused == "compile" and recorded is None:

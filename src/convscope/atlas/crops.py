@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from convscope.progress import ProgressCallback, report
+
 from .atlas import Atlas
 
 log = logging.getLogger(__name__)
@@ -33,10 +35,12 @@ def crop_path(layer: str, channel: int | str) -> str:
 
 def write_crops(atlas: Atlas, folder: Path, dataset: Any, original: Sequence[int],
                 to_display: Callable[[torch.Tensor], torch.Tensor], *, crop_size: int = 64,
-                workers: int = 0, by: str | None = None) -> None:
+                workers: int = 0, by: str | None = None,
+                progress: ProgressCallback | None = None) -> None:
     """Write ``crops/<layer>/<channel>.jpg``: the channel's k crops side by side, each
     scaled to fit ``crop_size`` x ``crop_size`` (centred on black). ``dataset[original[i]]``
-    gives ``(tensor, ...)`` for atlas image ``i``."""
+    gives ``(tensor, ...)`` for atlas image ``i``. ``progress`` hears
+    ``("atlas crops", done, total)``: one unit per image read and per strip written."""
     by = by or atlas.rankings[0]
     size = int(crop_size)
     groups: list[list[str]] = [[]]
@@ -49,13 +53,31 @@ def write_crops(atlas: Atlas, folder: Path, dataset: Any, original: Sequence[int
             used = 0
         groups[-1].append(layer)
         used += need
+    total = 0
     for group in groups:
-        _write_group(atlas, folder, group, dataset, original, to_display, size, workers, by)
+        wanted = {int(i) for layer in group for i in atlas.topk(layer, by)[0].ravel()}
+        total += len(wanted) + sum(atlas.topk(layer, by)[0].shape[0] for layer in group)
+    step = _Steps(progress, total)
+    for group in groups:
+        _write_group(atlas, folder, group, dataset, original, to_display, size, workers, by,
+                     step)
+
+
+class _Steps:
+    """Counts the crop phase's units and reports them as ``("atlas crops", done, total)``."""
+
+    def __init__(self, progress: ProgressCallback | None, total: int):
+        self.progress, self.total, self.done = progress, total, 0
+        report(progress, "atlas crops", 0, total)
+
+    def __call__(self) -> None:
+        self.done += 1
+        report(self.progress, "atlas crops", self.done, self.total)
 
 
 def _write_group(atlas: Atlas, folder: Path, layers: list[str], dataset: Any,
                  original: Sequence[int], to_display: Callable[[torch.Tensor], torch.Tensor],
-                 size: int, workers: int, by: str) -> None:
+                 size: int, workers: int, by: str, step: Callable[[], None]) -> None:
     requests: dict[int, list[tuple[str, int, int, tuple[int, ...]]]] = defaultdict(list)
     strips: dict[str, np.ndarray] = {}
     for layer in layers:
@@ -70,6 +92,7 @@ def _write_group(atlas: Atlas, folder: Path, layers: list[str], dataset: Any,
     subset = torch.utils.data.Subset(dataset, [int(original[i]) for i in wanted])
     loader = torch.utils.data.DataLoader(subset, batch_size=None, num_workers=workers)
     for image_index, item in zip(wanted, loader, strict=False):
+        step()
         tensor = item[0] if isinstance(item, (tuple, list)) else item
         if tensor is None:
             log.warning("image %s became unreadable; its crops stay black",
@@ -88,6 +111,7 @@ def _write_group(atlas: Atlas, folder: Path, layers: list[str], dataset: Any,
         target.mkdir(parents=True, exist_ok=True)
         for c in range(strip.shape[0]):
             Image.fromarray(strip[c]).save(target / f"{c}.jpg", quality=88)
+            step()
 
 
 def _fit(region: np.ndarray, size: int) -> np.ndarray:
