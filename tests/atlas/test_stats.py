@@ -80,6 +80,56 @@ def test_pow2_bins_equal_bucketize_on_edges_and_extremes():
     assert _pow2_bins(nans).tolist() == [len(DEFAULT_EDGES) + 1] * 2
 
 
+def test_pow2_codes_give_the_bucketize_bin_of_every_float_class():
+    """The eager path's exponent codes, mapped by _code_bins, equal bucketize on every power
+    of two (normal and subnormal), its float neighbours, both zeros and infinities; NaN
+    lands in an outer bin (moved by the caller)."""
+    from convscope.atlas.stats import _code_bins, _pow2_codes
+
+    edges = torch.tensor(DEFAULT_EDGES)
+    powers = torch.tensor([2.0**k for k in range(-149, 128)])
+    x = torch.cat([powers, -powers, torch.tensor([0.0, -0.0, float("inf"), -float("inf"),
+                                                  3.4028235e38, -3.4028235e38])])
+    x = torch.cat([x, torch.nextafter(x, torch.tensor(float("inf"))),
+                   torch.nextafter(x, torch.tensor(-float("inf"))), torch.randn(4000) * 30])
+    x = x[~torch.isnan(x)]
+    codes = _pow2_codes(x.clone(), torch.tensor(134, dtype=torch.int32))
+    assert torch.equal(_code_bins()[codes.long()], torch.bucketize(x, edges, right=False))
+    work = (torch.empty(x.numel(), dtype=torch.int32), torch.empty(x.numel(), dtype=torch.int32))
+    assert torch.equal(_pow2_codes(x, torch.tensor(134, dtype=torch.int32), work), codes)
+    nans = torch.tensor([float("nan"), float("nan")])
+    nans[1] = -nans[1].abs()
+    assert _code_bins()[_pow2_codes(nans, torch.tensor(134, dtype=torch.int32)).long()].tolist() \
+        == [len(DEFAULT_EDGES), 0]
+
+
+def test_positions_found_lazily_equal_a_full_argmax():
+    """Positions are computed only for rows entering a top-k list (few after the first
+    batches, all in the first): every stored location and value equals a brute force over
+    all batches (first position of the max, NaN last)."""
+    torch.manual_seed(5)
+    batches = [torch.randn(6, 3, 5, 7) for _ in range(8)]
+    batches[3][2, 1] = batches[1][0, 1]  # a tie across batches
+    batches[5][1, 0, 2, 3] = float("nan")
+    batches[6][0, 2] = 0.0  # a flat map: max 0 at (0, 0)
+    stats = ChannelStats(3, 4, rankings=("max", "mean"))
+    for b, x in enumerate(batches):
+        stats.update(x, torch.arange(b * 6, b * 6 + 6))
+    every = torch.cat(batches)
+    flat = every.reshape(every.shape[0], 3, -1)
+    peak, where = flat.max(dim=2)
+    for name, score in (("max", peak), ("mean", flat.mean(dim=2))):
+        score = torch.where(torch.isnan(score), -float("inf"), score)
+        top = stats.top[name]
+        for c in range(3):
+            order = sorted(range(every.shape[0]), key=lambda i: (-float(score[i, c]), i))[:4]
+            assert top["index"][c].tolist() == order
+            rows = [[int(where[i, c]) // 7, int(where[i, c]) % 7] for i in order]
+            assert top["location"][c].tolist() == rows
+            if name == "max":
+                assert top["value"][c].tolist() == [float(score[i, c]) for i in order]
+
+
 def _special_batch() -> torch.Tensor:
     """(3, 2, 3, 5): non-square maps with NaN (both signs), +-inf, -0.0, exact edges,
     ties."""
