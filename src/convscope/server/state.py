@@ -508,9 +508,9 @@ class ServerState:
 
     def _run(self, entry: ModelEntry, image_id: str, layer: str | None) -> ForwardResult:
         """A new image's first pass: preprocessing, the forward pass and the displayed
-        input together on the model's thread: one hand-off instead of three, and one
-        thread's OpenMP pool (a request thread's pool, whose workers spin for a while after
-        each parallel op, would compete with the model's for the cores)."""
+        input together on the model's thread, so all of its torch work uses that thread's
+        OpenMP pool (a request thread's pool, whose workers spin for a while after each
+        parallel op, would compete with the model's for the cores)."""
         from ..render.convert import to_pil
 
         pil = self.images.load(image_id)
