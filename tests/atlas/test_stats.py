@@ -130,6 +130,33 @@ def test_positions_found_lazily_equal_a_full_argmax():
                 assert top["value"][c].tolist() == [float(score[i, c]) for i in order]
 
 
+def test_threads_share_the_tiles_without_changing_a_number():
+    """With a pool, channel blocks are counted by several threads (the atlas's pass does
+    so on CPU): every state tensor equals the one-thread result, NaN rows included."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(6)
+    x = torch.randn(4, 64, 32, 32) * 10  # 8 tiles of CHUNK values: enough to share
+    x[1, 5, 3, 3] = float("nan")
+    x[2, 60] = -0.0
+    results = []
+    for pool in (None, ThreadPoolExecutor(2)):
+        stats = ChannelStats(64, 3, rankings=("max", "mean"))
+        with torch.inference_mode():  # as in the pass: the threads must follow it
+            stats.update(x, torch.arange(4), pool=pool)
+        results.append(stats.state_dict())
+        if pool is not None:
+            pool.shutdown()
+    one, shared = results
+    for key in ("sum", "sumsq", "max", "hist", "nan"):
+        assert torch.equal(one[key].nan_to_num(), shared[key].nan_to_num()), key
+    for key, value in one["top"]["max"].items():
+        assert torch.equal(shared["top"]["max"][key], value), key
+    hist, nans = _numpy_histogram(x, np.array(DEFAULT_EDGES))
+    np.testing.assert_array_equal(shared["hist"].numpy(), hist)
+    np.testing.assert_array_equal(shared["nan"].numpy(), nans)
+
+
 def _special_batch() -> torch.Tensor:
     """(3, 2, 3, 5): non-square maps with NaN (both signs), +-inf, -0.0, exact edges,
     ties."""

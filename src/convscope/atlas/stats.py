@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -179,11 +180,13 @@ class ChannelStats:
     # ------------------------------------------------------------------ update
 
     def update(self, activation: torch.Tensor, indices: torch.Tensor, *,
-               compiled: bool = False) -> None:
+               compiled: bool = False, pool: ThreadPoolExecutor | None = None) -> None:
         """Fold a batch ``(N, C, H, W)`` (or ``(N, C)``) whose images have dataset indices
         ``indices`` (N,) into the state. The activation is only read, never kept.
         ``compiled`` makes the histogram's bin ids with the ``torch.compile``-d kernel
-        (same result, faster on long runs)."""
+        (same result). ``pool``: threads (at least 2, as many as ``torch.get_num_threads()``) that
+        share the eager histogram's tiles, one op each too small for torch's own
+        parallelism; same result."""
         x = activation.detach()
         if x.dim() == 2:
             x = x[:, :, None, None]
@@ -215,7 +218,7 @@ class ChannelStats:
             torch.sum(rows, dim=1, out=total.view(-1))
             torch.linalg.vector_norm(rows, dim=1, out=norms.view(-1))
         self._histogram(rows, total.view(-1), compiled,
-                        (values, total, norms) if fused else None)
+                        (values, total, norms) if fused else None, pool)
         squares = norms.square_()
         self.images += n
         self.sum += total.double().sum(0)
@@ -262,7 +265,8 @@ class ChannelStats:
         return location.view(-1, c, 2)
 
     def _histogram(self, rows: torch.Tensor, total: torch.Tensor, compiled: bool,
-                   rowstats: tuple[torch.Tensor, ...] | None = None) -> None:
+                   rowstats: tuple[torch.Tensor, ...] | None = None,
+                   pool: ThreadPoolExecutor | None = None) -> None:
         """Count every value of ``rows`` (R = N x C rows of M values) into ``hist`` and
         ``nan``. Compiled: one fused kernel that stores no bin id. Eager: tiles of at most
         :data:`CHUNK` values (see :meth:`_eager_counts`)."""
@@ -275,12 +279,13 @@ class ChannelStats:
             counts = counts.view(c, stride)
         else:
             counts = self._eager_counts(rows.view(-1, c, rows.shape[1]), total, stride,
-                                        rowstats)
+                                        rowstats, pool)
         self.hist += counts[:, :-1]
         self.nan += counts[:, -1]
 
     def _eager_counts(self, x: torch.Tensor, total: torch.Tensor, stride: int,
-                      rowstats: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+                      rowstats: tuple[torch.Tensor, ...] | None = None,
+                      pool: ThreadPoolExecutor | None = None) -> torch.Tensor:
         """Histogram counts ``(C, stride)`` of ``x`` (N, C, M), tile by tile.
 
         A tile is the block ``x[n0:n1, c0:c1, m0:m1]`` of at most :data:`CHUNK` values
@@ -305,26 +310,44 @@ class ChannelStats:
         if fast:
             local += 134  # codes start at 0
         span = span_c * span_n * span_m
-        work = (torch.empty(span, dtype=torch.int32, device=device),
-                torch.empty(span, dtype=torch.int32, device=device))
         ones = torch.ones((), dtype=torch.int64, device=device).expand(span)
-        for c0 in range(0, c, span_c):
-            c1 = min(c0 + span_c, c)
-            offsets = local[:, :c1 - c0]
-            block = counts[c0 * width:c1 * width]
-            for n0 in range(0, n, span_n):
-                for m0 in range(0, m, span_m):
-                    tile = x[n0:n0 + span_n, c0:c1, m0:m0 + span_m]
-                    if rowstats is not None:
-                        where = (slice(n0, n0 + span_n), slice(c0, c1))
-                        torch.amax(tile, dim=-1, out=rowstats[0][where])
-                        torch.sum(tile, dim=-1, out=rowstats[1][where])
-                        torch.linalg.vector_norm(tile, dim=-1, out=rowstats[2][where])
-                    if fast:
-                        keys = _pow2_codes(tile, offsets, work).view(-1)
-                    else:
-                        keys = _keys(tile, self.edges, self._pow2, offsets).view(-1)
-                    block.index_add_(0, keys, ones[:keys.numel()])
+
+        inference = torch.is_inference_mode_enabled()  # thread-local: the pool's threads
+
+        def run(blocks: range) -> None:
+            """Count the channel blocks ``blocks`` (with their own work buffers)."""
+            with torch.inference_mode(inference), torch.no_grad():
+                count(blocks)
+
+        def count(blocks: range) -> None:
+            work = (torch.empty(span, dtype=torch.int32, device=device),
+                    torch.empty(span, dtype=torch.int32, device=device))
+            for c0 in blocks:
+                c1 = min(c0 + span_c, c)
+                offsets = local[:, :c1 - c0]
+                block = counts[c0 * width:c1 * width]
+                for n0 in range(0, n, span_n):
+                    for m0 in range(0, m, span_m):
+                        tile = x[n0:n0 + span_n, c0:c1, m0:m0 + span_m]
+                        if rowstats is not None:
+                            where = (slice(n0, n0 + span_n), slice(c0, c1))
+                            torch.amax(tile, dim=-1, out=rowstats[0][where])
+                            torch.sum(tile, dim=-1, out=rowstats[1][where])
+                            torch.linalg.vector_norm(tile, dim=-1, out=rowstats[2][where])
+                        if fast:
+                            keys = _pow2_codes(tile, offsets, work).view(-1)
+                        else:
+                            keys = _keys(tile, self.edges, self._pow2, offsets).view(-1)
+                        block.index_add_(0, keys, ones[:keys.numel()])
+
+        starts = range(0, c, span_c)
+        parts = min(len(starts), max(2, torch.get_num_threads())) if pool is not None else 1
+        if parts > 1 and x.numel() >= 4 * CHUNK:
+            # Disjoint channel blocks per thread: disjoint counts and row outputs, so the
+            # result is the same as one thread's (integers; each row reduced whole).
+            list(pool.map(run, [starts[i::parts] for i in range(parts)]))
+        else:
+            run(starts)
         if not fast:
             return counts.view(c, stride)
         bins = torch.zeros(c, stride, dtype=torch.int64, device=device)
