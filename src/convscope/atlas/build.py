@@ -17,7 +17,6 @@ import os
 import signal
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -464,6 +463,8 @@ class _Run:
         self.batch_size = batch_size
         total = len(self.shard)
         compiled = self.compiled
+        every_batches = int(os.environ.get(_ENV_CHECKPOINT_BATCHES, "0") or 0)
+        kill_after = int(os.environ.get(_ENV_KILL_AFTER, "0") or 0)
         current: dict[str, torch.Tensor] = {}
 
         from convscope.spatial import SpatialLayout
@@ -476,28 +477,10 @@ class _Run:
             value = output[0] if isinstance(output, (tuple, list)) else output
             if name in layouts:  # channels-last or tokens, read as (N, C, H, W) maps
                 value = layouts[name].apply(value)
-            self.stats[name].update(value, current["indices"], compiled=compiled, pool=pool)
+            self.stats[name].update(value, current["indices"], compiled=compiled)
 
         device = self.loaded.device
         model = self.loaded.module
-        # Threads for the eager histogram's tiles (each op too small for torch's own
-        # thread pool, which sits idle between the model's layers); same result.
-        threads = torch.get_num_threads()
-        pool = (ThreadPoolExecutor(threads, thread_name_prefix="convscope-atlas")
-                if not compiled and device.type == "cpu" and threads > 1 else None)
-        try:
-            self._pass(model, device, pool, hook, current, batch_size, workers, ckpt,
-                       fingerprint, checkpoint_every, progress, phases, total)
-        finally:
-            if pool is not None:
-                pool.shutdown()
-
-    def _pass(self, model: nn.Module, device: torch.device, pool: ThreadPoolExecutor | None,
-              hook: Callable[..., None], current: dict[str, torch.Tensor], batch_size: int,
-              workers: int, ckpt: Path | None, fingerprint: str, checkpoint_every: float,
-              progress: Progress | None, phases: ProgressCallback | None, total: int) -> None:
-        every_batches = int(os.environ.get(_ENV_CHECKPOINT_BATCHES, "0") or 0)
-        kill_after = int(os.environ.get(_ENV_KILL_AFTER, "0") or 0)
         start = time.perf_counter()
         last_ckpt = start
         done_batches = 0

@@ -184,9 +184,10 @@ class ChannelStats:
         """Fold a batch ``(N, C, H, W)`` (or ``(N, C)``) whose images have dataset indices
         ``indices`` (N,) into the state. The activation is only read, never kept.
         ``compiled`` makes the histogram's bin ids with the ``torch.compile``-d kernel
-        (same result). ``pool``: threads (at least 2, as many as ``torch.get_num_threads()``) that
-        share the eager histogram's tiles, one op each too small for torch's own
-        parallelism; same result."""
+        (same result). ``pool``: threads (at least 2, as many as
+        ``torch.get_num_threads()``) that share the eager histogram's channel blocks (each
+        op of a tile is too small for torch's own parallelism); same result. The atlas's
+        pass does not use it: next to the model's OpenMP threads it measured slower."""
         x = activation.detach()
         if x.dim() == 2:
             x = x[:, :, None, None]
