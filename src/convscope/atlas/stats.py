@@ -2,11 +2,12 @@
 
 :class:`ChannelStats` keeps, for one layer, O(channels x (k + histogram bins)) numbers on the
 device where the activations are made. Each batch is read by :meth:`ChannelStats.update`:
-per (image, channel) row its max with position, sum and sum of squares (plain reductions
-over the whole batch, no temporaries; the sum of squares is the squared 2-norm), and every value's histogram bin, computed tile by
-tile (:data:`CHUNK` values at a time, so the bin ids never cost more than a few hundred KB
-and stay in the cache) either eagerly or by one ``torch.compile``-d kernel. The two paths
-share every floating-point operation and differ only in how integer bin ids are made, so
+per (image, channel) row its max, sum and 2-norm (squared: the sum of squares), every
+value's histogram bin, and the position of the max for the rows that enter a top-k list.
+The histogram is counted either eagerly, tile by tile (:data:`CHUNK` values at a time,
+which on CPU also take the three row reductions while the tile is in the cache), or by one
+``torch.compile``-d kernel. The two paths share every floating-point operation (each row
+is reduced whole by the same kernel) and differ only in how integer counts are made, so
 they give bit-identical statistics. States of disjoint shards combine with
 :meth:`ChannelStats.merge` into exactly what one pass over the whole data gives, whatever the
 order: counts and histograms add, and top-k lists are merged under a total order (value
@@ -41,9 +42,9 @@ RANKINGS = ("max", "mean")
 PAD_INDEX = torch.iinfo(torch.int64).max
 
 
-#: Values per eager histogram tile. The bin ids of a tile and their temporaries (about 25
-#: bytes per value, under 1 MB) are all the extra memory the eager histogram takes,
-#: whatever the batch size (docs/atlas.md). At most ATen's parallel grain (32768), so each
+#: Values per eager histogram tile. A tile's two int32 work buffers (256 KB) and the
+#: layer's exponent-code counts (``C x CODES`` int64) are all the extra memory the eager
+#: histogram takes, whatever the batch size (docs/atlas.md). At most ATen's parallel grain (32768), so each
 #: op on a tile runs on one thread from the cache: bigger tiles wake the thread pool for
 #: every op, which costs far more than it saves, worst on a busy machine.
 CHUNK = 1 << 15
