@@ -209,12 +209,11 @@ class ChannelStats:
         # (several times faster than a batched dot product on CPU).
         values, total, norms = (torch.empty(n, c, dtype=torch.float32, device=rows.device)
                                 for _ in range(3))
-        # Eager on CPU with whole maps in a tile: the three reductions run tile by tile
-        # while the histogram has the tile in the cache (each row reduced by the same
-        # kernel as over the whole batch: the same numbers, one read of the batch instead
-        # of four).
-        fused = (not compiled and self._pow2 and rows.device.type == "cpu"
-                 and h * w <= CHUNK)
+        # On CPU with whole maps in a tile, the three reductions run tile by tile (eager:
+        # while the histogram has the tile in the cache, one read of the batch instead of
+        # four). Each row is reduced whole, serially, by the same kernel in both modes, so
+        # eager and compiled give the same bits whatever the thread count.
+        fused = rows.device.type == "cpu" and h * w <= CHUNK
         if not fused:
             torch.amax(rows, dim=1, out=values.view(-1))
             torch.sum(rows, dim=1, out=total.view(-1))
@@ -274,6 +273,9 @@ class ChannelStats:
         :data:`CHUNK` values (see :meth:`_eager_counts`)."""
         c, stride = self.channels, self.hist.shape[1] + 1  # value bins + the NaN bin
         if compiled:
+            if rowstats is not None:
+                self._eager_counts(rows.view(-1, c, rows.shape[1]), total, stride, rowstats,
+                                   histogram=False)
             r = rows.shape[0]
             offsets = ((torch.arange(r, device=rows.device) % c) * stride).to(torch.int32)
             counts = _compiled_counts()(rows, self.edges, self._pow2, offsets.view(r, 1),
@@ -287,7 +289,8 @@ class ChannelStats:
 
     def _eager_counts(self, x: torch.Tensor, total: torch.Tensor, stride: int,
                       rowstats: tuple[torch.Tensor, ...] | None = None,
-                      pool: ThreadPoolExecutor | None = None) -> torch.Tensor:
+                      pool: ThreadPoolExecutor | None = None, histogram: bool = True
+                      ) -> torch.Tensor:
         """Histogram counts ``(C, stride)`` of ``x`` (N, C, M), tile by tile.
 
         A tile is the block ``x[n0:n1, c0:c1, m0:m1]`` of at most :data:`CHUNK` values
@@ -298,7 +301,8 @@ class ChannelStats:
         (``bucketize``; on a GPU the exact :func:`_keys`). The tile and its two int32 work buffers (~12 bytes a value, under
         400 KB) are all the extra memory and stay in the cache; no per-tile zeroing or
         allocation of counts. ``rowstats``: (N, C) outputs for each row's max, sum and
-        2-norm, filled tile by tile (whole maps only: ``M <= CHUNK``)."""
+        2-norm, filled tile by tile (whole maps only: ``M <= CHUNK``); ``histogram=False``
+        fills only those (the compiled path's row reductions)."""
         n, c, m = x.shape
         device = x.device
         fast = self._pow2 and device.type == "cpu"  # on a GPU the exact kernel is cheap and
@@ -336,6 +340,8 @@ class ChannelStats:
                             torch.amax(tile, dim=-1, out=rowstats[0][where])
                             torch.sum(tile, dim=-1, out=rowstats[1][where])
                             torch.linalg.vector_norm(tile, dim=-1, out=rowstats[2][where])
+                        if not histogram:
+                            continue
                         if fast:
                             keys = _pow2_codes(tile, offsets, work).view(-1)
                         else:
@@ -350,8 +356,8 @@ class ChannelStats:
             list(pool.map(run, [starts[i::parts] for i in range(parts)]))
         else:
             run(starts)
-        if not fast:
-            return counts.view(c, stride)
+        if not fast or not histogram:
+            return counts.view(c, -1)
         bins = torch.zeros(c, stride, dtype=torch.int64, device=device)
         bins.index_add_(1, _code_bins(device), counts.view(c, CODES))
         # Rows that can hold NaN: a NaN makes the row's sum NaN (so does +inf with -inf).
