@@ -98,7 +98,7 @@ def _code_bins(device: torch.device | str = "cpu") -> torch.Tensor:
 
 
 def _pow2_codes(x: torch.Tensor, offsets: torch.Tensor,
-                work: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                work: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """Exponent code of every float32 value of ``x`` plus ``offsets`` (which must include
     the ``+134`` that makes codes start at 0): eight cheap integer ops, no ``torch.where``
     (on CPU ``where`` costs more than all of them together). :func:`_code_bins` maps codes
@@ -115,16 +115,20 @@ def _pow2_codes(x: torch.Tensor, offsets: torch.Tensor,
 
     ``work``: two contiguous int32 buffers of at least ``x.numel()`` values to compute in
     (the result is the second): a fresh tensor per op costs more than the op itself (a
-    tile's 128 KB are served by ``mmap`` and page faults).
+    tile's 128 KB are served by ``mmap`` and page faults); optionally then the int32 0-dim
+    constants 31, 0x7FFFFFFF, 1 and 23 (a Python number is converted at every call).
     """
     bits = x.view(torch.int32)
     if work is None:
         sign = bits >> 31  # -1 for x < 0 (-0.0 included), else 0
         q = bits & 0x7FFFFFFF  # magnitude m
+        q.bitwise_xor_(sign).sub_(sign).sub_(1).bitwise_right_shift_(23)
     else:
-        sign = torch.bitwise_right_shift(bits, 31, out=work[0][:x.numel()].view(x.shape))
-        q = torch.bitwise_and(bits, 0x7FFFFFFF, out=work[1][:x.numel()].view(x.shape))
-    q.bitwise_xor_(sign).sub_(sign).sub_(1).bitwise_right_shift_(23)  # floor((u - 1) / 2**23)
+        k31, mask, one, k23 = work[2:] if len(work) > 2 else (31, 0x7FFFFFFF, 1, 23)
+        sign = torch.bitwise_right_shift(bits, k31, out=work[0][:x.numel()].view(x.shape))
+        q = torch.bitwise_and(bits, mask, out=work[1][:x.numel()].view(x.shape))
+        q.bitwise_xor_(sign).sub_(sign).sub_(one).bitwise_right_shift_(k23)
+    # q = floor((u - 1) / 2**23)
     return q.clamp_(-134, 133).add_(offsets)
 
 
@@ -259,7 +263,7 @@ class ChannelStats:
             flat.copy_(best)
         else:
             unique = torch.unique(wanted)
-            best, where = rows[unique].max(dim=1)
+            best, where = rows.index_select(0, unique).max(dim=1)
             location.index_copy_(0, unique, torch.stack([where // w, where % w], 1).to(
                 torch.int32))
             flat.index_copy_(0, unique, best)
@@ -327,7 +331,9 @@ class ChannelStats:
 
         def count(blocks: range) -> None:
             work = (torch.empty(span, dtype=torch.int32, device=device),
-                    torch.empty(span, dtype=torch.int32, device=device))
+                    torch.empty(span, dtype=torch.int32, device=device),
+                    *(torch.tensor(k, dtype=torch.int32, device=device)
+                      for k in (31, 0x7FFFFFFF, 1, 23)))
             for c0 in blocks:
                 c1 = min(c0 + span_c, c)
                 offsets = local[:, :c1 - c0]
