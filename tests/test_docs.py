@@ -69,7 +69,7 @@ def _python_blocks(page: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("page", ["tutorial.md", "capture.md", "grids.md", "attribution.md",
-                                  "explorer.md"])
+                                  "explorer.md", "featvis.md"])
 def test_page_code_runs(page, tmp_path, monkeypatch):
     """Each page's Python blocks, in order, in one namespace (as a reader would paste them)."""
     monkeypatch.chdir(tmp_path)
@@ -79,7 +79,7 @@ def test_page_code_runs(page, tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block, f"docs/{page}", "exec"), namespace)
     written = [p for p in tmp_path.iterdir() if p.suffix in (".png", ".html")]
-    if page in ("tutorial.md", "grids.md", "attribution.md", "explorer.md"):
+    if page in ("tutorial.md", "grids.md", "attribution.md", "explorer.md", "featvis.md"):
         assert written, f"{page}: its code should write a file"
 
 
