@@ -96,6 +96,19 @@ def test_model_state_is_left_as_it_was(resnet):
         resnet.eval()
 
 
+def test_mixed_training_flags_come_back_module_by_module(resnet):
+    resnet.train()
+    resnet.layer2.eval()  # a frozen stage: explain must not switch it back to training
+    try:
+        with pytest.warns(UserWarning, match="training mode"):
+            convscope.explain(resnet, torch.randn(1, 3, 64, 64))
+        assert resnet.training and not resnet.layer2.training
+        assert not any(m.training for m in resnet.layer2.modules())
+        assert resnet.layer3.training
+    finally:
+        resnet.eval()
+
+
 @pytest.mark.parametrize(("call", "message"), [
     (lambda m: convscope.explain(m, torch.randn(2, 3, 64, 64), topk=2), "one image"),
     (lambda m: convscope.explain(m, torch.randn(1, 3, 64, 64), target="cat"), "no class names"),

@@ -146,15 +146,12 @@ def explain(
     else:
         display = _min_max(x.detach().cpu().float())
 
-    with torch.no_grad():
-        from ..models import logits_of
+    from ..hooks import preserve_training
+    from ..models import logits_of
 
-        was_training = module.training
+    with torch.no_grad(), preserve_training(module):  # every module's own flag comes back
         module.eval()
-        try:
-            probabilities = torch.softmax(logits_of(module(x)).float(), dim=1).cpu()
-        finally:
-            module.train(was_training)
+        probabilities = torch.softmax(logits_of(module(x)).float(), dim=1).cpu()
 
     n = x.shape[0]
     if target is None:
