@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ConvscopeError
-from .common import check_input
+from .common import check_input, normalize
 from .targets import unwrap_model
 
 
@@ -186,13 +186,10 @@ def explain(
 
 
 def _min_max(x: torch.Tensor) -> torch.Tensor:
-    """Each image scaled to [0, 1] (grey for a constant image); 1-channel images as RGB."""
-    low = x.amin(dim=(1, 2, 3), keepdim=True)
-    span = x.amax(dim=(1, 2, 3), keepdim=True) - low
-    scaled = torch.where(span > 0, (x - low) / span.clamp_min(1e-12), torch.full_like(x, 0.5))
-    if scaled.shape[1] == 1:
-        scaled = scaled.expand(-1, 3, -1, -1)
-    elif scaled.shape[1] != 3:
+    """Each image scaled to [0, 1] by :func:`~convscope.methods.common.normalize` (a constant
+    image is black); 1-channel images as RGB, other channel counts by their first channel."""
+    scaled = normalize(x)
+    if scaled.shape[1] != 3:
         scaled = scaled[:, :1].expand(-1, 3, -1, -1)
     return scaled
 
