@@ -153,3 +153,56 @@ def test_sort_ranks_by_the_whole_batch_not_the_first_sample(sort):
             want = lut[np.floor(np.clip(act[sample, channel].numpy(), 0, 1) * 255 + 0.5)
                        .astype(int)]
             np.testing.assert_array_equal(tile, want, err_msg=f"sample {sample} col {col}")
+
+
+def _torch_feature_grid(act: torch.Tensor, channels, cols: int, normalize: str, cmap: str,
+                        pad: int, tile_size) -> np.ndarray:
+    """The grid as the torch pipeline drew it before numpy did: torch.nan_to_num,
+    normalize_maps, repeat_interleave / adaptive_avg_pool2d, then the colour table."""
+    from convscope.render.colormap import quantize
+    from convscope.render.grid import layout, normalize_maps
+
+    maps = torch.nan_to_num(act[None, channels].float())
+    values = normalize_maps(maps, normalize)[0]
+    if tile_size is not None:
+        height, width = values.shape[-2:]
+        longest = max(height, width)
+        if tile_size >= longest:
+            factor = tile_size // longest
+            values = values.repeat_interleave(factor, -2).repeat_interleave(factor, -1)
+        else:
+            size = (max(1, round(height * tile_size / longest)),
+                    max(1, round(width * tile_size / longest)))
+            values = torch.nn.functional.adaptive_avg_pool2d(values[:, None], size)[:, 0]
+    return layout(colormap_lut(cmap)[quantize(values.numpy())], cols, pad)
+
+
+def test_numpy_drawing_matches_the_torch_pipeline_bit_for_bit():
+    rng = np.random.default_rng(1)
+    for trial in range(120):
+        count, height, width = (int(v) for v in rng.integers(1, [24, 50, 50]))
+        act = torch.from_numpy(rng.standard_normal((count, height, width)).astype(np.float32)
+                               * float(rng.choice([1.0, 1e-3, 1e30])))
+        if trial % 7 == 0:
+            act[0, 0, 0] = float("nan")
+        if trial % 11 == 0:
+            act[-1, -1, -1] = float("inf")
+        channels = [int(c) for c in rng.permutation(count)[: int(rng.integers(1, count + 1))]]
+        normalize = ["channel", "layer", "none"][trial % 3]
+        tile_size = [None, int(rng.integers(1, 120))][trial % 2]
+        cols = int(rng.integers(1, 8))
+        pad = trial % 3
+        expected = _torch_feature_grid(act, channels, min(cols, len(channels)), normalize,
+                                       "magma", pad, tile_size)
+        drawn = feature_grid(act, channels=channels, cols=cols, normalize=normalize,
+                             cmap="magma", pad=pad, tile_size=tile_size)
+        np.testing.assert_array_equal(np.asarray(drawn), expected, err_msg=str(trial))
+
+
+def test_area_shrinking_is_torch_adaptive_avg_pool_exactly():
+    from convscope.render.grid import _area_pool
+
+    tiles = torch.rand(5, 112, 112)
+    for size in [(80, 80), (37, 53), (1, 1), (111, 7)]:
+        expected = torch.nn.functional.adaptive_avg_pool2d(tiles[:, None], size)[:, 0]
+        np.testing.assert_array_equal(_area_pool(tiles.numpy(), size), expected.numpy())
