@@ -374,16 +374,19 @@ class _CopyOnWrite(TorchFunctionMode):
             _commit_all(entries)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        # Runs for every torch call in the body: keep the common path (nothing watched
+        # or an op that never writes) to a dict lookup and the call itself.
         if self.pending:
             try:
-                kind = _write_kind(func)
+                kind, detail = _write_kind(func)
             except TypeError:  # an unhashable callable: classify it every time
-                kind = _write_kind.__wrapped__(func)
-            if kind[0] != _NEVER or "out" in kwargs:
-                for target in _written_tensors(kind[0], kind[1], args, kwargs):
+                kind, detail = _write_kind.__wrapped__(func)
+            if kind != _NEVER or (kwargs and "out" in kwargs):
+                for target in _written_tensors(kind, detail, args, kwargs or {}):
                     self.protect(target)
-        return func(*args, **kwargs)
+        if kwargs:
+            return func(*args, **kwargs)
+        return func(*args)
 
     def settle(self, failed: bool) -> list[_Verified]:
         """At exit: report writes the mode could not see, copy what may still be written.
@@ -434,7 +437,15 @@ _MODE_SENSITIVE = (nn.MultiheadAttention, nn.TransformerEncoder, nn.TransformerE
 
 
 def _guard_changes_computation(model: nn.Module) -> bool:
-    return any(isinstance(module, _MODE_SENSITIVE) for module in model.modules())
+    # A plain walk of ``_modules``: ``model.modules()`` costs several times more per call,
+    # and this runs on every capture.
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if isinstance(module, _MODE_SENSITIVE):
+            return True
+        stack.extend(child for child in module._modules.values() if child is not None)
+    return False
 
 
 @contextmanager
@@ -483,32 +494,31 @@ def capture(
     eager = copy is True or (copy == "auto" and guard is None)
 
     def hook(name: str, module: nn.Module, inputs: tuple, output: Any) -> None:
-        # The bookkeeping's own tensor calls need not pass through the write guard.
+        # Runs once per captured call. The bookkeeping's own tensor calls need not pass
+        # through the write guard, hence DisableTorchFunction.
         with torch._C.DisableTorchFunction():
-            store(name, output)
-
-    def store(name: str, output: Any) -> None:
-        same_place = (
-            isinstance(output, torch.Tensor)
-            and (target is None or output.device == target)
-            and (dtype is None or output.dtype == dtype or not output.is_floating_point())
-        )
-        if not same_place or eager:
-            acts._record(name, copy_output(output, to, dtype))
-        elif output.is_inference():
-            if copy is False:
-                raise ConvscopeError(
-                    "capture(copy=False) cannot verify outputs under torch.inference_mode "
-                    "(inference tensors have no version counter); use copy='auto' or True"
-                )
-            acts._record(name, copy_output(output, to, dtype))
-        else:
-            calls = acts._calls[name]
-            calls.append(output.detach())
-            if guard is not None:
-                guard.watch(_Pending(name, calls, len(calls) - 1, output))
+            if (
+                eager
+                or not isinstance(output, torch.Tensor)
+                or (target is not None and output.device != target)
+                or (dtype is not None and output.dtype != dtype and output.is_floating_point())
+            ):
+                acts._record(name, copy_output(output, to, dtype))
+            elif output.is_inference():
+                if copy is False:
+                    raise ConvscopeError(
+                        "capture(copy=False) cannot verify outputs under "
+                        "torch.inference_mode (inference tensors have no version counter); "
+                        "use copy='auto' or True"
+                    )
+                acts._record(name, copy_output(output, to, dtype))
             else:
-                acts._verify.append(_Verified(name, calls[-1], calls[-1]._version))
+                calls = acts._calls[name]
+                calls.append(output.detach())
+                if guard is not None:
+                    guard.watch(_Pending(name, calls, len(calls) - 1, output))
+                else:
+                    acts._verify.append(_Verified(name, calls[-1], calls[-1]._version))
 
     def note_input(_module: nn.Module, inputs: tuple) -> None:
         with torch._C.DisableTorchFunction():
