@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from .guard import CLIENT_KEY, Guard
 from .jobs import QueueFullError
 from .settings import Settings
-from .state import ServerState
+from .state import ServerState, run_apart
 from .views import (
     CamUnavailableError,
     GridParams,
@@ -318,7 +318,9 @@ def create_app(settings: Settings | None = None) -> Any:
 
         result, heatmap = cam_heatmap(state, model_name(model), image, method, target,
                                       layer or None, client=client_of(request))
-        return png(overlay(result.display, heatmap, alpha=alpha, cmap=cmap), photo=True)
+        # The bilinear resize is large torch work: in a short-lived thread (state.py's doc).
+        return png(run_apart(lambda: overlay(result.display, heatmap, alpha=alpha, cmap=cmap)),
+                   photo=True)
 
     @app.get("/api/visualization.png", response_class=Response,
              summary="Feature visualisation of a channel (a job the first time: 202)")

@@ -7,6 +7,16 @@ Thread safety: routes run in a thread pool. A model is used by one forward pass 
 (its own lock), because ``capture`` and ``cam`` register hooks on the shared module and two
 concurrent passes would record into each other's hooks. Cached activations are immutable
 tensors read without any lock, so rendering runs in parallel.
+
+Threads and OpenMP: torch gives every thread that runs a large op its own OpenMP team, for
+as long as that thread lives. With more team threads in the process than cores, libgomp
+stops spinning between parallel regions, and every forward pass of the model's team gets
+about 1.7x slower (measured: 34 -> 57 ms for EfficientNet-Lite0 on 2 cores, with one idle
+second team). So the model's thread is the only long-lived thread that runs large torch
+ops: pictures are drawn with numpy on the request threads, the statistics of the shown
+layer are computed with the pass, and the rare large torch work of a request (statistics of
+another layer, a resized heatmap) runs in a short-lived thread (:func:`run_apart`) whose
+team ends with it.
 """
 
 from __future__ import annotations
@@ -169,8 +179,10 @@ class ModelEntry:
     #: Serialises forward passes of this model (hooks are registered on the shared module).
     lock: threading.RLock = field(default_factory=threading.RLock)
     _load_lock: threading.Lock = field(default_factory=threading.Lock)
+    _thread_lock: threading.Lock = field(default_factory=threading.Lock)
     _executor: ThreadPoolExecutor | None = None
     _hints: Any = None
+    _modules: dict[str, Any] | None = None
 
     def run(self, work: Callable[[], V]) -> V:
         """Run ``work`` (a forward pass, CAM) on this model's own thread, under its lock.
@@ -180,11 +192,12 @@ class ModelEntry:
         pays for a new pool (about 2x slower here). Passes of one model run one at a time
         anyway, because hooks are registered on the shared module.
         """
-        with self._load_lock:
+        with self._thread_lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(
                     max_workers=1, thread_name_prefix=f"convscope-{self.name}")
-        return self._executor.submit(self._locked, work).result()
+            executor = self._executor
+        return executor.submit(self._locked, work).result()
 
     def _locked(self, work: Callable[[], V]) -> V:
         with self.lock:
@@ -192,13 +205,15 @@ class ModelEntry:
 
     def close(self) -> None:
         """Stop the model's thread (waits for running work)."""
-        with self._load_lock:
+        with self._thread_lock:
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True)
 
     def get(self) -> Any:
-        """The :class:`~convscope.models.LoadedModel`, loading it the first time."""
+        """The :class:`~convscope.models.LoadedModel`, loading it the first time, on the
+        model's own thread: loading runs torch ops, and a team started on the calling
+        thread (the server's main thread) would outlive the load (see the module doc)."""
         if self.loaded is None:
             with self._load_lock:
                 if self.loaded is None:
@@ -208,8 +223,16 @@ class ModelEntry:
                         self.loaded = self.spec
                     else:
                         log.info("loading model %s (%s)", self.name, self.spec)
-                        self.loaded = load_model(self.spec, device=self.device)
+                        self.loaded = self.run(
+                            lambda: load_model(self.spec, device=self.device))
         return self.loaded
+
+    def modules(self) -> dict[str, Any]:
+        """``dict(module.named_modules())`` of the model, built once (a walk over every
+        module, which channel and filter views would otherwise repeat per request)."""
+        if self._modules is None:
+            self._modules = dict(self.get().module.named_modules())
+        return self._modules
 
     def hints(self) -> Any:
         """:func:`convscope.spatial.model_hints` of the model, read once: it walks every
@@ -379,6 +402,38 @@ class ImageStore:
         return load_image(record.path, max_pixels=self.max_pixels)
 
 
+#: Elements from which torch splits an op over its OpenMP team (``at::internal::GRAIN_SIZE``);
+#: smaller ops run on the calling thread alone.
+TORCH_GRAIN = 32768
+
+
+def run_apart(work: Callable[[], V]) -> V:
+    """``work()`` in a new short-lived thread: torch ops in it may start an OpenMP team, and
+    that team ends with the thread instead of living on in a pooled request thread (see
+    the module doc). Costs a thread start (~0.1 ms): for rare or large work only."""
+    box: list[Any] = []
+
+    def target() -> None:
+        try:
+            box.append((True, work()))
+        except BaseException as error:  # handed to the caller below
+            box.append((False, error))
+
+    thread = threading.Thread(target=target, name="convscope-apart", daemon=True)
+    thread.start()
+    thread.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def run_small(work: Callable[[], V], elements: int) -> V:
+    """``work()`` here when it touches fewer than :data:`TORCH_GRAIN` elements (torch runs
+    it on this thread alone), else through :func:`run_apart`."""
+    return work() if elements < TORCH_GRAIN else run_apart(work)
+
+
 def tensor_bytes(tensor: Any) -> int:
     """Bytes of a tensor's elements."""
     return tensor.element_size() * tensor.nelement()
@@ -410,12 +465,29 @@ class ForwardResult:
         return sum(tensor_bytes(t) for t in acts.values()) + tensor_bytes(self.x)
 
     def memo(self, key: Hashable, compute: Callable[[], Any]) -> Any:
-        """``compute()`` once per key (a race computes twice, harmlessly: same value)."""
+        """``compute()`` once per key (a race computes twice, harmlessly: same value). A
+        miss computes in a short-lived thread (:func:`run_apart`): these are torch
+        reductions over a whole layer, which would leave an OpenMP team in a request
+        thread."""
         try:
             return self.derived[key]
         except KeyError:
-            value = self.derived[key] = compute()
+            value = self.derived[key] = run_apart(compute)
             return value
+
+
+def derive(layer: str, act: Any) -> dict[Hashable, Any]:
+    """The statistics the page shows with a layer's grid (its summary and channel orders),
+    under the keys :meth:`ForwardResult.memo` uses, computed here (the first pass computes
+    them on the model's thread, with the activation)."""
+    from ..stats import channel_order, layer_summary
+
+    if act.dim() != 3:
+        return {}
+    derived: dict[Hashable, Any] = {("summary", layer): layer_summary(act)}
+    for sort in (None, "mean", "max"):
+        derived[("order", layer, sort)] = channel_order(act, sort)
+    return derived
 
 
 def _heatmap_bytes(value: Any) -> int:
@@ -527,7 +599,9 @@ class ServerState:
             x = loaded.preprocess(pil)
             acts, predictions = self._pass(entry, x, [layer] if layer else [])
             display = to_pil(loaded.transform.to_display(x[0].detach().cpu()))
-            return ForwardResult(x=x, display=display, predictions=predictions, acts=acts)
+            derived = derive(layer, acts[layer]) if layer in acts else {}
+            return ForwardResult(x=x, display=display, predictions=predictions, acts=acts,
+                                 derived=derived)
 
         return entry.run(first_pass)
 

@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import ConvscopeError
 from .encode import png_bytes
 from .jobs import JobCancelledError
-from .state import ForwardResult, ServerState, UnknownChannelError
+from .state import ForwardResult, ServerState, UnknownChannelError, run_apart, run_small
 
 #: Width in pixels the automatic tile size aims the feature grid at.
 GRID_WIDTH = 640
@@ -78,7 +78,7 @@ def layers_view(state: ServerState, model: str) -> list[dict[str, Any]]:
 
     entry = state.models[model]
     loaded = entry.get()
-    modules = dict(loaded.module.named_modules())
+    modules = entry.modules()
     hints = entry.hints()
     rows = []
     for info in entry.layer_table():
@@ -190,8 +190,9 @@ def channel_view(state: ServerState, model: str, image: str, layer: str, channel
     _check_channel(act, layer, channel)
     entry = state.models[model]
     info = entry.layer_info(layer)
-    module = dict(entry.get().module.named_modules()).get(layer)
-    stats = as_floats(channel_stats(act[channel:channel + 1]), 0)
+    module = entry.modules().get(layer)
+    one = act[channel:channel + 1]
+    stats = as_floats(run_small(lambda: channel_stats(one), one.nelement()), 0)
     rank = _order(result, layer, act, "mean").index(channel)
     out: dict[str, Any] = {
         "layer": layer, "channel": channel, "type": info.type,
@@ -219,32 +220,42 @@ def channel_image(state: ServerState, model: str, image: str, layer: str, channe
                             tile_size=size)
     from ..render.overlay import overlay
 
-    values = act[channel].float()
-    low, high = values.min(), values.max()
-    scaled = (values - low) / (high - low) if high > low else values * 0
-    return overlay(result.display, scaled, alpha=alpha, cmap=cmap)
+    def draw() -> Any:  # a bilinear resize to the input's size: large torch work
+        values = act[channel].float()
+        low, high = values.min(), values.max()
+        scaled = (values - low) / (high - low) if high > low else values * 0
+        return overlay(result.display, scaled, alpha=alpha, cmap=cmap)
+
+    return run_apart(draw)
 
 
 def filter_image(state: ServerState, model: str, layer: str, channel: int | None,
                  count: int, tile: int) -> Any:
     """Filters of a conv layer: the whole grid, or one output channel's kernel."""
+    import torch
+
     from ..filters import conv_filters
     from ..render.grid import filter_grid
 
     entry = state.models[model]
     loaded = entry.get()
-    modules = dict(loaded.module.named_modules())
+    modules = entry.modules()
     if layer not in modules or not layer:
         entry.layer_info(layer)  # raises with suggestions
-    weights = conv_filters(loaded.module, layer)
-    if channel is None:
-        return filter_grid(weights, max_filters=count, tile_size=tile)
+    module = modules[layer]
+    if channel is None or not _is_conv(module):
+        weights = run_apart(lambda: conv_filters(loaded.module, layer))  # or its error
+        if channel is None:
+            return run_apart(lambda: filter_grid(weights, max_filters=count, tile_size=tile))
+    else:  # conv_filters(...)[channel:channel + 1] without copying the whole kernel
+        weights = module.weight
     if not 0 <= channel < weights.shape[0]:
         raise UnknownChannelError(
             str(channel), [],
             hint=f"layer {layer!r} has {weights.shape[0]} filters, 0..{weights.shape[0] - 1}",
         )
-    kernel = weights[channel:channel + 1]
+    # A float CPU copy of one kernel (never a view of the model's parameter).
+    kernel = weights[channel:channel + 1].detach().to(device="cpu", dtype=torch.float32).clone()
     inputs = kernel.shape[1]
     if inputs in (1, 3):
         return filter_grid(kernel, tile_size=tile * 2)
@@ -272,7 +283,7 @@ def cam_image(state: ServerState, model: str, image: str, method: str, target: i
     from ..render.overlay import overlay
 
     result, heatmap = cam_heatmap(state, model, image, method, target, layer)
-    return overlay(result.display, heatmap, alpha=alpha, cmap=cmap)
+    return run_apart(lambda: overlay(result.display, heatmap, alpha=alpha, cmap=cmap))
 
 
 def is_expensive(method: str) -> bool:
@@ -442,7 +453,7 @@ def visualization_png(state: ServerState, model: str, layer: str, channel: int,
     if not shape:
         raise NoSpatialMapError(f"layer {layer!r} produced no tensor output")
     layout = spatial_layout((1, *shape), model=entry.hints(),
-                            module=dict(loaded.module.named_modules()).get(layer),
+                            module=entry.modules().get(layer),
                             input_hw=loaded.input_size[-2:], batch_size=1, name=layer)
     if not 0 <= channel < layout.channels:
         raise UnknownChannelError(
