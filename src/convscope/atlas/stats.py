@@ -113,20 +113,24 @@ def _pow2_codes(x: torch.Tensor, offsets: torch.Tensor,
     zeros, subnormals and infinities. A NaN with the sign bit clear gets the top code (the
     last value bin), one with the sign bit set code 0 (bin 0): the caller moves them.
 
-    ``work``: two contiguous int32 buffers of at least ``x.numel()`` values to compute in
-    (the result is the second): a fresh tensor per op costs more than the op itself (a
+    ``x`` may also be the float32 values' bits already viewed as int32. ``work``: two
+    contiguous int32 buffers of at least ``x.numel()`` values (or exactly ``x``'s shape) to
+    compute in (the result is the second): a fresh tensor per op costs more than the op itself (a
     tile's 128 KB are served by ``mmap`` and page faults); optionally then the int32 0-dim
     constants 31, 0x7FFFFFFF, 1 and 23 (a Python number is converted at every call).
     """
-    bits = x.view(torch.int32)
+    bits = x if x.dtype == torch.int32 else x.view(torch.int32)
     if work is None:
         sign = bits >> 31  # -1 for x < 0 (-0.0 included), else 0
         q = bits & 0x7FFFFFFF  # magnitude m
         q.bitwise_xor_(sign).sub_(sign).sub_(1).bitwise_right_shift_(23)
     else:
         k31, mask, one, k23 = work[2:] if len(work) > 2 else (31, 0x7FFFFFFF, 1, 23)
-        sign = torch.bitwise_right_shift(bits, k31, out=work[0][:x.numel()].view(x.shape))
-        q = torch.bitwise_and(bits, mask, out=work[1][:x.numel()].view(x.shape))
+        first, second = work[0], work[1]
+        if first.shape != x.shape:
+            first, second = (w[:x.numel()].view(x.shape) for w in (first, second))
+        sign = torch.bitwise_right_shift(bits, k31, out=first)
+        q = torch.bitwise_and(bits, mask, out=second)
         q.bitwise_xor_(sign).sub_(sign).sub_(one).bitwise_right_shift_(k23)
     # q = floor((u - 1) / 2**23)
     return q.clamp_(-134, 133).add_(offsets)
@@ -181,6 +185,7 @@ class ChannelStats:
         self.top: dict[str, dict[str, torch.Tensor]] = {
             name: _empty_top(c, self.k, dev) for name in self.rankings
         }
+        self._code_table: torch.Tensor | None = None  # exponent code -> bin
 
     # ------------------------------------------------------------------ update
 
@@ -299,14 +304,17 @@ class ChannelStats:
 
         A tile is the block ``x[n0:n1, c0:c1, m0:m1]`` of at most :data:`CHUNK` values
         (whole maps of a few channels for all images when they fit, else fewer images, else
-        pieces of one map). With the default edges each value's exponent code
-        (:func:`_pow2_codes`, 8 integer ops) is counted per channel with ``index_add_`` into
-        ``(C, CODES)`` counts, mapped to bins once at the end; other edges count bins
-        (``bucketize``; on a GPU the exact :func:`_keys`). The tile and its two int32 work buffers (~12 bytes a value, under
-        400 KB) are all the extra memory and stay in the cache; no per-tile zeroing or
-        allocation of counts. ``rowstats``: (N, C) outputs for each row's max, sum and
-        2-norm, filled tile by tile (whole maps only: ``M <= CHUNK``); ``histogram=False``
-        fills only those (the compiled path's row reductions)."""
+        pieces of one map), made by ``split`` (no Python slicing per tile). With the default
+        edges each value's exponent code (:func:`_pow2_codes`, 8 integer ops in reused
+        buffers) is counted per channel with ``bincount`` (tile-local keys: a ``c' x CODES``
+        vector) added into ``(C, CODES)`` counts, mapped to bins once at the end; other
+        edges count bins (``bucketize``; on a GPU the exact :func:`_keys`) with
+        ``index_add_``. The tile, its two int32 work buffers and the tile's counts (under
+        500 KB) are all the extra memory and stay in the cache. ``rowstats``: (N, C)
+        outputs for each row's max, sum and 2-norm, reduced tile by tile while the tile is
+        in the cache (whole maps only: ``M <= CHUNK``) into small fresh tensors joined once
+        per layer; ``histogram=False`` fills only those (the compiled path's row
+        reductions)."""
         n, c, m = x.shape
         device = x.device
         fast = self._pow2 and device.type == "cpu"  # on a GPU the exact kernel is cheap and
@@ -315,57 +323,66 @@ class ChannelStats:
         counts = torch.zeros(c * width, dtype=torch.int64, device=device)
         span_m = min(m, CHUNK)
         span_n = max(1, min(n, CHUNK // span_m))
-        span_c = max(1, min(c, CHUNK // (span_m * span_n)))
+        span_c = max(1, min(c, CHUNK // (span_m * span_n)))  # > 1 only when span_n == n
         local = (torch.arange(span_c, device=device, dtype=torch.int32) * width).view(1, -1, 1)
         if fast:
             local += 134  # codes start at 0
-        span = span_c * span_n * span_m
-        ones = torch.ones((), dtype=torch.int64, device=device).expand(span)
+        # Tiles as views made by ``split`` (a few C++ calls per layer instead of three
+        # Python slices per tile): channel blocks, then images, then pieces of maps.
+        blocks = x.split(span_c, 1)
+        bit_blocks = x.view(torch.int32).split(span_c, 1) if fast else blocks
+        parts: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in blocks]
 
         inference = torch.is_inference_mode_enabled()  # thread-local: the pool's threads
 
-        def run(blocks: range) -> None:
-            """Count the channel blocks ``blocks`` (with their own work buffers)."""
+        def run(chosen: range) -> None:
+            """Count the channel blocks ``chosen`` (with their own work buffers)."""
             with torch.inference_mode(inference), torch.no_grad():
-                count(blocks)
+                count(chosen)
 
-        def count(blocks: range) -> None:
-            work = (torch.empty(span, dtype=torch.int32, device=device),
-                    torch.empty(span, dtype=torch.int32, device=device),
-                    *(torch.tensor(k, dtype=torch.int32, device=device)
-                      for k in (31, 0x7FFFFFFF, 1, 23)))
-            for c0 in blocks:
-                c1 = min(c0 + span_c, c)
-                offsets = local[:, :c1 - c0]
-                block = counts[c0 * width:c1 * width]
-                for n0 in range(0, n, span_n):
-                    for m0 in range(0, m, span_m):
-                        tile = x[n0:n0 + span_n, c0:c1, m0:m0 + span_m]
-                        if rowstats is not None:
-                            where = (slice(n0, n0 + span_n), slice(c0, c1))
-                            torch.amax(tile, dim=-1, out=rowstats[0][where])
-                            torch.sum(tile, dim=-1, out=rowstats[1][where])
-                            torch.linalg.vector_norm(tile, dim=-1, out=rowstats[2][where])
-                        if not histogram:
-                            continue
-                        if fast:
-                            keys = _pow2_codes(tile, offsets, work).view(-1)
-                        else:
-                            keys = _keys(tile, self.edges, self._pow2, offsets).view(-1)
-                        block.index_add_(0, keys, ones[:keys.numel()])
+        def count(chosen: range) -> None:
+            scratch = _Scratch(span_c * span_n * span_m, device)
+            for b in chosen:
+                c0, cc = b * span_c, blocks[b].shape[1]
+                offsets = local[:, :cc]
+                block = counts[c0 * width:(c0 + cc) * width]
+                tiles = _split(blocks[b], span_n, span_m)
+                bit_tiles = _split(bit_blocks[b], span_n, span_m) if fast else tiles
+                for tile, bits in zip(tiles, bit_tiles, strict=True):
+                    if rowstats is not None:  # fresh (n', c') outputs: no slicing per tile
+                        parts[b].append((torch.amax(tile, dim=-1), torch.sum(tile, dim=-1),
+                                         torch.linalg.vector_norm(tile, dim=-1)))
+                    if not histogram:
+                        continue
+                    if fast:
+                        work, keys = scratch.views(tile.shape)
+                        _pow2_codes(bits, offsets, work)
+                        block += torch.bincount(keys, minlength=block.numel())
+                    else:
+                        keys = _keys(tile, self.edges, self._pow2, offsets).view(-1)
+                        block.index_add_(0, keys, _ones(keys))
 
-        starts = range(0, c, span_c)
-        parts = min(len(starts), max(2, torch.get_num_threads())) if pool is not None else 1
-        if parts > 1 and x.numel() >= 4 * CHUNK:
+        starts = range(len(blocks))
+        threads = min(len(starts), max(2, torch.get_num_threads())) if pool is not None else 1
+        if threads > 1 and x.numel() >= 4 * CHUNK:
             # Disjoint channel blocks per thread: disjoint counts and row outputs, so the
             # result is the same as one thread's (integers; each row reduced whole).
-            list(pool.map(run, [starts[i::parts] for i in range(parts)]))
+            list(pool.map(run, [starts[i::threads] for i in range(threads)]))
         else:
             run(starts)
+        if rowstats is not None:
+            for j, out in enumerate(rowstats):
+                pieces = [piece[j] for block_parts in parts for piece in block_parts]
+                if span_n == n:  # blocks of channels, every image: (N, c') pieces
+                    out.copy_(torch.cat(pieces, 1))
+                else:  # one channel per block, images cut: (n', 1) pieces, channel-major
+                    out.copy_(torch.cat(pieces, 0).view(c, n).t())
         if not fast or not histogram:
             return counts.view(c, -1)
         bins = torch.zeros(c, stride, dtype=torch.int64, device=device)
-        bins.index_add_(1, _code_bins(device), counts.view(c, CODES))
+        if self._code_table is None or self._code_table.device != device:
+            self._code_table = _code_bins(device)  # made once per layer, not per batch
+        bins.index_add_(1, self._code_table, counts.view(c, CODES))
         # Rows that can hold NaN: a NaN makes the row's sum NaN (so does +inf with -inf).
         # Rare, so they are fixed afterwards, row by row.
         suspects = torch.isnan(total).nonzero().view(-1)
@@ -460,6 +477,38 @@ class ChannelStats:
 
 def _ones(like: torch.Tensor) -> torch.Tensor:
     return torch.ones((), dtype=torch.int64, device=like.device).expand(like.numel())
+
+
+def _split(block: torch.Tensor, span_n: int, span_m: int) -> list[torch.Tensor]:
+    """Tiles of a channel block (N, c', M): images in runs of ``span_n``, then maps in
+    pieces of ``span_m`` (the order of the loops the tiles replace)."""
+    pieces = block.split(span_n, 0) if span_n < block.shape[0] else (block,)
+    if span_m >= block.shape[2]:
+        return list(pieces)
+    return [part for piece in pieces for part in piece.split(span_m, 2)]
+
+
+class _Scratch:
+    """Work buffers of one thread's eager histogram: two int32 buffers of ``span`` values,
+    the int32 0-dim constants of :func:`_pow2_codes`, and their views shaped like each tile
+    (made once per shape: a layer has at most a few tile shapes)."""
+
+    def __init__(self, span: int, device: torch.device):
+        self.buffers = (torch.empty(span, dtype=torch.int32, device=device),
+                        torch.empty(span, dtype=torch.int32, device=device))
+        self.constants = tuple(torch.tensor(k, dtype=torch.int32, device=device)
+                               for k in (31, 0x7FFFFFFF, 1, 23))
+        self.shaped: dict[torch.Size, tuple[Any, torch.Tensor]] = {}
+
+    def views(self, shape: torch.Size) -> tuple[Any, torch.Tensor]:
+        """(work for :func:`_pow2_codes`, its result as flat keys) for a tile."""
+        found = self.shaped.get(shape)
+        if found is None:
+            size = shape.numel()
+            first, second = (b[:size] for b in self.buffers)
+            found = ((first.view(shape), second.view(shape), *self.constants), second)
+            self.shaped[shape] = found
+        return found
 
 
 def _empty_top(c: int, k: int, device: torch.device) -> dict[str, torch.Tensor]:
