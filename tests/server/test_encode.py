@@ -76,3 +76,19 @@ def test_grid_smaller_than_pillow() -> None:
     data = png_bytes(grid)
     assert np.array_equal(np.asarray(decode(data)), np.asarray(grid))
     assert len(data) <= len(buffer.getvalue())
+
+
+def test_pixel_arrays_encode_like_their_images() -> None:
+    """An (H, W, 3) or (H, W) uint8 array is encoded as the image it would make, byte for
+    byte; other arrays are refused."""
+    rng = np.random.default_rng(3)
+    for shape in [(23, 41, 3), (17, 9)]:
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        for photo in (False, True):
+            data = png_bytes(pixels, photo=photo)
+            assert data == png_bytes(Image.fromarray(pixels), photo=photo)
+            assert np.array_equal(np.asarray(decode(data)), pixels)
+    with pytest.raises(ValueError, match="uint8"):
+        png_bytes(np.zeros((4, 4, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        png_bytes(np.zeros((4, 4, 4), dtype=np.uint8))

@@ -38,13 +38,31 @@ def _chunk(tag: bytes, data: bytes) -> bytes:
 
 
 def png_bytes(image: Any, photo: bool = False) -> bytes:
-    """Encode a ``PIL.Image`` as PNG: no row filter for drawn pictures, *Up* for photos."""
-    color_type = COLOR_TYPES.get(image.mode)
-    if color_type is None or image.width == 0 or image.height == 0:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG", compress_level=LEVEL)
-        return buffer.getvalue()
-    pixels = np.asarray(image, dtype=np.uint8)
+    """Encode a ``PIL.Image`` as PNG: no row filter for drawn pictures, *Up* for photos.
+
+    ``image`` may also be the pixels themselves, an ``(H, W, 3)`` RGB or ``(H, W)`` grey
+    uint8 array (e.g. :func:`convscope.render.grid.feature_grid_array`): no image object is
+    built and read back."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3
+                                                                 and image.shape[2] == 3)):
+            raise ValueError(f"pixels must be (H, W) or (H, W, 3) uint8; got "
+                             f"{image.dtype} {image.shape}")
+        pixels = image
+        color_type = COLOR_TYPES["L" if image.ndim == 2 else "RGB"]
+        width = image.shape[1]
+        if pixels.size == 0:
+            from PIL import Image
+
+            return png_bytes(Image.fromarray(pixels), photo)
+    else:
+        color_type = COLOR_TYPES.get(image.mode)
+        if color_type is None or image.width == 0 or image.height == 0:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG", compress_level=LEVEL)
+            return buffer.getvalue()
+        pixels = np.asarray(image, dtype=np.uint8)
+        width = image.width
     height = pixels.shape[0]
     rows = pixels.reshape(height, -1)
     filtered = np.empty((height, rows.shape[1] + 1), dtype=np.uint8)
@@ -55,6 +73,6 @@ def png_bytes(image: Any, photo: bool = False) -> bytes:
     else:
         filtered[:, 0] = 0  # None
         filtered[:, 1:] = rows
-    header = struct.pack(">IIBBBBB", image.width, height, 8, color_type, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
     return (SIGNATURE + _chunk(b"IHDR", header)
             + _chunk(b"IDAT", zlib.compress(filtered, LEVEL)) + _chunk(b"IEND", b""))

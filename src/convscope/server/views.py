@@ -163,14 +163,15 @@ def grid_view(state: ServerState, model: str, image: str, layer: str, params: Gr
 
 def grid_image(state: ServerState, model: str, image: str, layer: str, params: GridParams
                ) -> Any:
-    """The feature grid of ``layer`` (``feature_grid`` with the controls)."""
-    from ..render.grid import feature_grid
+    """The pixels of the feature grid of ``layer`` (``feature_grid`` with the controls) as
+    an ``(H, W, 3)`` uint8 array, which :func:`png_bytes` encodes as is."""
+    from ..render.grid import feature_grid_array
 
     result, act = activation(state, model, image, layer)
     info = grid_layout(result, layer, act, params)
-    return feature_grid(act, channels=info["channels"], cols=info["cols"],
-                        normalize=params.normalize, cmap=params.cmap, pad=info["pad"],
-                        tile_size=info["tile_size"])
+    return feature_grid_array(act, channels=info["channels"], cols=info["cols"],
+                              normalize=params.normalize, cmap=params.cmap, pad=info["pad"],
+                              tile_size=info["tile_size"])
 
 
 def _check_channel(act: Any, layer: str, channel: int) -> None:
@@ -209,15 +210,16 @@ def channel_view(state: ServerState, model: str, image: str, layer: str, channel
 
 def channel_image(state: ServerState, model: str, image: str, layer: str, channel: int,
                   cmap: str, size: int, over_input: bool = False, alpha: float = 0.5) -> Any:
-    """One channel drawn large (``feature_grid`` with ``channels=[c]``), or upsampled over
-    the input as the model sees it (``overlay``), to show where on the image it fires."""
-    from ..render.grid import feature_grid
+    """One channel drawn large (``feature_grid`` with ``channels=[c]``, as pixels), or
+    upsampled over the input as the model sees it (``overlay``), to show where on the
+    image it fires."""
+    from ..render.grid import feature_grid_array
 
     result, act = activation(state, model, image, layer)
     _check_channel(act, layer, channel)
     if not over_input:
-        return feature_grid(act, channels=[channel], normalize="channel", cmap=cmap, pad=0,
-                            tile_size=size)
+        return feature_grid_array(act, channels=[channel], normalize="channel", cmap=cmap,
+                                  pad=0, tile_size=size)
     from ..render.overlay import overlay
 
     def draw() -> Any:  # a bilinear resize to the input's size: large torch work
