@@ -519,8 +519,9 @@ def run(quick: bool = False, soak: float | None = None) -> str:
         cli_times = [_cli_time(path, layer, Path(tmp) / "out.png")]
 
     lines = [
-        f"Server process on 127.0.0.1 with the pretrained EfficientNet-Lite0 (224x224), "
-        f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; image "
+        f"Server process on 127.0.0.1 ({_http_stack()}) with the pretrained "
+        f"EfficientNet-Lite0 (224x224), {torch.get_num_threads()} torch threads, "
+        f"{os.cpu_count()} CPUs; image "
         f"`{IMAGE}` cached (the first view captures the shown layer, the first switch to "
         f"another layer captures all {len(shapes)}; "
         f"{forwards_after - forwards_before} further forward passes during the switching "
@@ -674,8 +675,29 @@ def _soak_lines(soaked: dict, seconds: float) -> list[str]:
     return lines
 
 
+def _http_stack() -> str:
+    """The HTTP parser and event loop uvicorn picks here ("auto": the C ones if installed)."""
+    import importlib.util
+
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    return f"uvicorn {http} + {loop}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="short runs: 60 single-client switches, 8 s with 16 clients, "
+                             "3 first views, 10 s of jobs, a 20 s soak")
+    parser.add_argument("--soak", type=float, default=None, metavar="SECONDS",
+                        help="soak duration (default 600, 20 with --quick; 0 skips it)")
+    args = parser.parse_args(argv)
+    print(run(quick=args.quick, soak=args.soak))
+    return 0
+
+
 if __name__ == "__main__":
-    soak_arg = None
-    if "--soak" in sys.argv:
-        soak_arg = float(sys.argv[sys.argv.index("--soak") + 1])
-    print(run(quick="--quick" in sys.argv, soak=soak_arg))
+    raise SystemExit(main())
