@@ -270,6 +270,7 @@ def test_compiled_and_eager_give_identical_statistics(monkeypatch):
     from convscope.atlas import stats as stats_module
 
     monkeypatch.setattr(stats_module, "CHUNK", 32)  # 2 rows of 15 per tile; 63 cut in 2
+    monkeypatch.setattr(stats_module, "COMPILED_CHUNK", 32)  # compiled codes: row blocks
     torch.manual_seed(4)
     big = torch.randn(4, 2, 7, 9) * 30
     big[0, 1, 3, 3] = float("nan")
@@ -293,4 +294,16 @@ def test_compiled_and_eager_give_identical_statistics(monkeypatch):
         hist, nans = _numpy_histogram(x, np.array(DEFAULT_EDGES))
         np.testing.assert_array_equal(fused["hist"].numpy(), hist)
         np.testing.assert_array_equal(fused["nan"].numpy(), nans)
-    assert "fn" in stats_module._compiled  # the compiled kernel really ran
+    assert "codes" in stats_module._compiled  # the compiled exponent codes really ran
+    # Other edges: the compiled fused histogram (bucketize semantics), same numbers.
+    edges = [-1.0, 0.0, 0.5, 3.0]
+    results = []
+    for compiled in (False, True):
+        stats = ChannelStats(2, 2, edges=edges)
+        stats.update(big, torch.arange(4), compiled=compiled)
+        results.append(stats.state_dict())
+    for key in ("hist", "nan"):
+        assert torch.equal(results[0][key], results[1][key]), key
+    hist, nans = _numpy_histogram(big, np.array(edges))
+    np.testing.assert_array_equal(results[1]["hist"].numpy(), hist)
+    assert "fn" in stats_module._compiled

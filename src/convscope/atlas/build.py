@@ -652,9 +652,15 @@ def _choose_reduction(fused: str, batches: int, device: torch.device, recorded: 
 
 
 def _probe_compile(device: torch.device) -> None:
-    from .stats import _compiled_counts
+    """Compile (and run once) the kernel the pass will use on ``device``: the exponent
+    codes on CPU, the fused histogram elsewhere."""
+    from .stats import _compiled_codes, _compiled_counts
 
     probe = torch.randn(6, 5, device=device)
+    if device.type == "cpu":
+        out = torch.empty(6, 5, dtype=torch.int32, device=device)
+        _compiled_codes()(probe, torch.zeros(6, 1, dtype=torch.int32, device=device), out)
+        return
     offsets = torch.zeros(6, 1, dtype=torch.int32, device=device)
     _compiled_counts()(probe, torch.tensor(DEFAULT_EDGES, device=device), True, offsets, 29)
 

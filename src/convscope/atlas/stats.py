@@ -148,6 +148,26 @@ def _counts(x: torch.Tensor, edges: torch.Tensor, pow2: bool, offsets: torch.Ten
 
 _compiled: dict[str, Callable[..., Any]] = {}
 
+#: Values per block of the compiled exponent codes on CPU: one int32 key per value (4 MB),
+#: counted by one ``bincount`` while in the cache.
+COMPILED_CHUNK = 1 << 20
+
+
+def _codes_into(x: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor) -> None:
+    """:func:`_pow2_codes` of the rows ``x`` (r, M) plus ``offsets`` (r, 1), written into
+    ``out`` (r, M) int32; compiled, one fused elementwise kernel."""
+    bits = x.view(torch.int32)
+    sign = bits >> 31
+    q = ((bits & 0x7FFFFFFF) ^ sign) - sign
+    out.copy_(((q - 1) >> 23).clamp(-134, 133) + offsets)
+
+
+def _compiled_codes() -> Callable[..., Any]:
+    """:func:`_codes_into` through ``torch.compile`` (one kernel for every layer shape)."""
+    if "codes" not in _compiled:
+        _compiled["codes"] = torch.compile(_codes_into, dynamic=True)
+    return _compiled["codes"]
+
 
 def _compiled_counts() -> Callable[..., Any]:
     """:func:`_counts` through ``torch.compile`` (one fused kernel per layer and batch)."""
@@ -222,8 +242,8 @@ class ChannelStats:
         # while the histogram has the tile in the cache, one read of the batch instead of
         # four). Each row is reduced whole, serially, by the same kernel in both modes, so
         # eager and compiled give the same bits whatever the thread count.
-        fused = rows.device.type == "cpu" and h * w <= CHUNK
-        if not fused:
+        fused = rows.device.type == "cpu" and h * w <= CHUNK and not compiled
+        if not fused:  # whole-layer reductions, rows split among threads: the same bits
             torch.amax(rows, dim=1, out=values.view(-1))
             torch.sum(rows, dim=1, out=total.view(-1))
             torch.linalg.vector_norm(rows, dim=1, out=norms.view(-1))
@@ -281,7 +301,9 @@ class ChannelStats:
         ``nan``. Compiled: one fused kernel that stores no bin id. Eager: tiles of at most
         :data:`CHUNK` values (see :meth:`_eager_counts`)."""
         c, stride = self.channels, self.hist.shape[1] + 1  # value bins + the NaN bin
-        if compiled:
+        if compiled and self._pow2 and rows.device.type == "cpu":
+            counts = self._compiled_code_counts(rows, total, stride)
+        elif compiled:
             if rowstats is not None:
                 self._eager_counts(rows.view(-1, c, rows.shape[1]), total, stride, rowstats,
                                    histogram=False)
@@ -295,6 +317,35 @@ class ChannelStats:
                                         rowstats, pool)
         self.hist += counts[:, :-1]
         self.nan += counts[:, -1]
+
+    def _compiled_code_counts(self, rows: torch.Tensor, total: torch.Tensor, stride: int
+                              ) -> torch.Tensor:
+        """Histogram counts ``(C, stride)`` of ``rows`` (R, M) on CPU with the default
+        edges: the exponent codes of :func:`_pow2_codes` made by one ``torch.compile``-d
+        kernel (all threads, one read of the values) for blocks of whole rows of at most
+        :data:`COMPILED_CHUNK` values, each block counted by one ``bincount``. The same
+        integer codes and counts as the eager tiles, so the same histogram."""
+        r, m = rows.shape
+        c, device = self.channels, rows.device
+        span = max(1, min(r, COMPILED_CHUNK // m))
+        keys = torch.empty(span * m, dtype=torch.int32, device=device)
+        offsets = ((torch.arange(r, device=device, dtype=torch.int32) % c) * CODES + 134
+                   ).view(r, 1)
+        counts = torch.zeros(c * CODES, dtype=torch.int64, device=device)
+        kernel = _compiled_codes()
+        for r0 in range(0, r, span):
+            part = rows[r0:r0 + span]
+            out = keys[:part.numel()]
+            kernel(part, offsets[r0:r0 + span], out.view(part.shape))
+            counts += torch.bincount(out, minlength=counts.numel())
+        if self._code_table is None or self._code_table.device != device:
+            self._code_table = _code_bins(device)
+        bins = torch.zeros(c, stride, dtype=torch.int64, device=device)
+        bins.index_add_(1, self._code_table, counts.view(c, CODES))
+        suspects = torch.isnan(total).nonzero().view(-1)  # the rows that can hold NaN
+        if suspects.numel():
+            self._move_nan(rows[suspects], suspects % c, bins)
+        return bins
 
     def _eager_counts(self, x: torch.Tensor, total: torch.Tensor, stride: int,
                       rowstats: tuple[torch.Tensor, ...] | None = None,
