@@ -402,3 +402,36 @@ def test_served_model_is_left_as_it_was(app, client, lite0):
     assert all(p.grad is None for p in module.parameters())
     entry = app.state.convscope.models["efficientnet_lite0"]
     assert entry._executor is not None  # forward passes ran on the model's own thread
+
+
+def test_one_filter_of_a_wide_conv_is_conv_filters_slice(client, lite0):
+    """One output channel's kernel is sliced from the parameter (not a copy of the whole
+    kernel): the same picture as conv_filters(...)[c:c + 1]."""
+    layer, channel = "_blocks.15._expand_conv", 5
+    weights = conv_filters(lite0.module, layer)
+    got = png(client.get("/api/filters.png", params={"layer": layer, "channel": channel}))
+    expected = filter_grid(weights[channel:channel + 1], mode="channels", max_channels=64,
+                           cols=16, tile_size=24)
+    np.testing.assert_array_equal(got, np.asarray(expected))
+    missing = client.get("/api/filters.png", params={"layer": layer, "channel": 5000})
+    assert missing.status_code == 404 and "1152 filters" in missing.json()["detail"]
+
+
+def test_switch_json_is_what_fastapi_would_send(app, client):
+    """/api/grid and /api/channel answer their own JSON (no second pass through FastAPI's
+    response validation): the same document FastAPI's encoder makes, typed JSON."""
+    from fastapi.encoders import jsonable_encoder
+
+    from convscope.server.views import GridParams, channel_view, grid_view
+
+    state = app.state.convscope
+    params = {"image": CHELSEA, "layer": "_blocks.3", "sort": "mean", "count": 12}
+    answer = client.get("/api/grid", params=params)
+    assert answer.headers["content-type"] == "application/json"
+    expected = grid_view(state, "efficientnet_lite0", CHELSEA, "_blocks.3",
+                         GridParams(sort="mean", count=12))
+    assert answer.json() == jsonable_encoder(expected)
+    answer = client.get("/api/channel", params={"image": CHELSEA, "layer": "_blocks.3",
+                                                "channel": 2})
+    assert answer.json() == jsonable_encoder(
+        channel_view(state, "efficientnet_lite0", CHELSEA, "_blocks.3", 2))

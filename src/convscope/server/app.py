@@ -135,6 +135,14 @@ def create_app(settings: Settings | None = None) -> Any:
     def _missing(_request: Request, exc: FileNotFoundError) -> JSONResponse:
         return error(404, str(exc))
 
+    def json_answer(content: Any) -> Response:
+        """``content`` as the JSON FastAPI would send for it (pydantic's encoder, NaN and
+        infinities as null), without FastAPI validating and encoding the answer again in
+        another trip through the thread pool: for the views a page asks on every switch."""
+        from pydantic_core import to_json
+
+        return Response(to_json(content, inf_nan_mode="null"), media_type="application/json")
+
     def png(image: Any, photo: bool = False) -> Response:
         """A PNG answer; ``photo``: the input or an overlay on it (see :mod:`.encode`)."""
         return Response(png_bytes(image, photo), media_type="image/png",
@@ -256,14 +264,15 @@ def create_app(settings: Settings | None = None) -> Any:
     def api_layers(model: Model = None) -> list[dict[str, Any]]:
         return layers_view(state, model_name(model))
 
-    @app.get("/api/grid", summary="Feature-grid layout (channel order) and layer statistics")
+    @app.get("/api/grid", summary="Feature-grid layout (channel order) and layer statistics",
+             response_model=dict[str, Any])
     def api_grid(
         image: Image, layer: Layer, model: Model = None,
         normalize: Literal["channel", "layer", "none"] = "channel", cmap: Cmap = "viridis",
         sort: Literal["", "mean", "max"] = "", count: Count = 64, tile: Tile = None,
-    ) -> dict[str, Any]:
-        return grid_view(state, model_name(model), image, layer,
-                         grid_params(normalize, cmap, sort, count, tile))
+    ) -> Response:
+        return json_answer(grid_view(state, model_name(model), image, layer,
+                                     grid_params(normalize, cmap, sort, count, tile)))
 
     @app.get("/api/grid.png", summary="Feature grid of a layer", response_class=Response)
     def api_grid_png(
@@ -274,10 +283,11 @@ def create_app(settings: Settings | None = None) -> Any:
         return png(grid_image(state, model_name(model), image, layer,
                               grid_params(normalize, cmap, sort, count, tile)))
 
-    @app.get("/api/channel", summary="Statistics of one channel")
+    @app.get("/api/channel", summary="Statistics of one channel",
+             response_model=dict[str, Any])
     def api_channel(image: Image, layer: Layer, channel: Channel,
-                    model: Model = None) -> dict[str, Any]:
-        return channel_view(state, model_name(model), image, layer, channel)
+                    model: Model = None) -> Response:
+        return json_answer(channel_view(state, model_name(model), image, layer, channel))
 
     @app.get("/api/channel.png", summary="One channel drawn large", response_class=Response)
     def api_channel_png(
