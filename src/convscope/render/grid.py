@@ -124,13 +124,14 @@ def _area_pool(tiles: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(total.transpose(2, 0, 1))
 
 
-def _normalize_array(maps: np.ndarray, mode: Normalize) -> np.ndarray:
+def _normalize_array(maps: np.ndarray, mode: Normalize) -> tuple[np.ndarray, bool]:
     """``normalize_maps(torch.nan_to_num(maps), mode)`` in numpy, on a float32 array the
-    caller owns (changed in place): the same float32 operations, so the same values. The
-    NaN/inf pass is skipped when every range is finite (then so is every value)."""
+    caller owns (changed in place): the same float32 operations, so the same values; and
+    whether every result is finite. The NaN/inf pass is skipped when every range is
+    finite (then so is every value), the zeroing of constant maps when there are none."""
     if mode == "none":
         np.nan_to_num(maps, copy=False)
-        return np.clip(maps, np.float32(0.0), np.float32(1.0), out=maps)
+        return np.clip(maps, np.float32(0.0), np.float32(1.0), out=maps), True
     if mode == "channel":
         axes: tuple[int, ...] = (-2, -1)
     elif mode == "layer":
@@ -147,15 +148,20 @@ def _normalize_array(maps: np.ndarray, mode: Normalize) -> np.ndarray:
         span = high - low
         maps -= low
         maps /= np.maximum(span, np.float32(1e-30))
-    np.copyto(maps, np.float32(0.0), where=~(span > 0))
-    return maps
+    flat = ~(span > 0)
+    if flat.any():
+        np.copyto(maps, np.float32(0.0), where=flat)
+    # A finite span bounds every x - low by it (rounding is monotonic): results in [0, 1].
+    return maps, bool(np.isfinite(span).all())
 
 
-def _colour_words(values: np.ndarray, cmap: str) -> np.ndarray:
+def _colour_words(values: np.ndarray, cmap: str, finite: bool = False) -> np.ndarray:
     """``colormap_lut(cmap)[quantize(values)]`` as one little-endian word per pixel (R, G,
     B, then a spare byte; ``values`` is changed): a pixel is one 4-byte element, so
-    enlarging and placing tiles copy whole pixels, ~8x faster than 3-byte rows."""
-    np.nan_to_num(values, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
+    enlarging and placing tiles copy whole pixels, ~8x faster than 3-byte rows.
+    ``finite``: the caller knows there is no NaN or infinity (skips that pass)."""
+    if not finite:
+        np.nan_to_num(values, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
     values *= np.float32(255.0)
     values += np.float32(0.5)
     np.clip(values, np.float32(0.0), np.float32(255.0), out=values)
@@ -363,11 +369,12 @@ def _feature_canvas(act: torch.Tensor | np.ndarray, channels: ChannelSelection,
     # numpy from here on (see the module doc): the same float32 steps as normalize_maps
     # and _resize_tiles, on a copy of the chosen channels.
     chosen = np.take(maps.numpy(), index, axis=1)
-    values, factor = _tile_values(_normalize_array(chosen, normalize), tile_size)
+    normalized, finite = _normalize_array(chosen, normalize)
+    values, factor = _tile_values(normalized, tile_size)  # averages: finite stays finite
     height, width = values.shape[-2] * factor, values.shape[-1] * factor
     count = values.shape[1]
     _, cols = _grid_shape(count, cols, height, width)
-    words = _colour_words(values, cmap)  # raises for an unknown colour map name
+    words = _colour_words(values, cmap, finite)  # raises for an unknown colour map name
     blocks = [_layout_words(sample, cols, pad, factor) for sample in words]  # one per image
     block_height = blocks[0].shape[0]
     if len(blocks) > 1:

@@ -183,6 +183,7 @@ class ModelEntry:
     _executor: ThreadPoolExecutor | None = None
     _hints: Any = None
     _modules: dict[str, Any] | None = None
+    _rows: dict[str, Any] | None = None
 
     def run(self, work: Callable[[], V]) -> V:
         """Run ``work`` (a forward pass, CAM) on this model's own thread, under its lock.
@@ -264,10 +265,12 @@ class ModelEntry:
         from ..errors import UnknownLayerError
 
         rows = self.layer_table()
-        for row in rows:
-            if row.name == layer:
-                return row
-        raise UnknownLayerError(layer, [row.name for row in rows if row.output_shape])
+        if self._rows is None or len(self._rows) != len(rows):
+            self._rows = {row.name: row for row in reversed(rows)}  # the first of a name
+        found = self._rows.get(layer)
+        if found is None:
+            raise UnknownLayerError(layer, [row.name for row in rows if row.output_shape])
+        return found
 
 
 class ModelRegistry:

@@ -250,7 +250,7 @@ def filter_image(state: ServerState, model: str, layer: str, channel: int | None
         if channel is None:
             return run_apart(lambda: filter_grid(weights, max_filters=count, tile_size=tile))
     else:  # conv_filters(...)[channel:channel + 1] without copying the whole kernel
-        weights = module.weight
+        weights = module.weight.detach()
     if not 0 <= channel < weights.shape[0]:
         raise UnknownChannelError(
             str(channel), [],
