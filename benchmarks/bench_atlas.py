@@ -4,7 +4,8 @@ Every row reads the same JPEG files through the same DataLoader settings (decodi
 resize and centre crop in worker processes), so the ratios include image decoding. Both
 reductions are measured in the same run: eager (plain tensor ops) and compiled
 (``torch.compile``), with the goals of issue 8 for every conv layer: eager >= 0.6x and
-compiled >= 0.8x of plain inference.
+compiled >= 0.8x of plain inference. One more row runs the eager reduction on one thread
+(``REDUCTION_THREADS = 1``: no Python threads sharing its tiles), to show what they add.
 
 ``--quick``: 16 images; ``--tiny``: 8 images in batches of 4, one round, no CLI runs (only
 to check that the script works).
@@ -12,6 +13,7 @@ to check that the script works).
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -63,16 +65,23 @@ def _plain(loaded, paths: list[str], batch: int = BATCH) -> float:
     return time.perf_counter() - start
 
 
-def _atlas(loaded, paths: list[str], layers: list[str], fused: str, batch: int = BATCH
-           ) -> tuple[float, float]:
-    """(end-to-end seconds, seconds of the streaming pass alone) of build()."""
+def _atlas(loaded, paths: list[str], layers: list[str], fused: str, batch: int = BATCH,
+           threads: int | None = None) -> tuple[float, float]:
+    """(end-to-end seconds, seconds of the streaming pass alone) of build(); ``threads``:
+    Python threads sharing the eager reduction (None: the default, torch's thread count)."""
     from convscope.atlas import build
 
+    module = importlib.import_module("convscope.atlas.build")  # the name is the function
     marks: list[float] = []
-    start = time.perf_counter()
-    build(loaded, paths, layers, topk=min(9, len(paths)), batch_size=batch, workers=WORKERS,
-          fused=fused,
-          progress=lambda done, total, elapsed: marks.append(elapsed))
+    saved = module.REDUCTION_THREADS
+    module.REDUCTION_THREADS = threads
+    try:
+        start = time.perf_counter()
+        build(loaded, paths, layers, topk=min(9, len(paths)), batch_size=batch,
+              workers=WORKERS, fused=fused,
+              progress=lambda done, total, elapsed: marks.append(elapsed))
+    finally:
+        module.REDUCTION_THREADS = saved
     return time.perf_counter() - start, marks[-1]
 
 
@@ -119,21 +128,27 @@ def run(quick: bool, tiny: bool = False) -> str:
         paths = sorted(str(p) for p in folder.iterdir())
         _plain(loaded, paths[:batch], batch)  # warm-up
         rows = []
-        for label, layers in ((f"{len(blocks)} block outputs", blocks),
-                              (f"all {len(convs)} conv layers", convs)):
-            for fused in ("eager", "compile"):
-                if fused == "compile":  # compile outside timing
-                    _atlas(loaded, paths[:batch * 2], layers, fused, batch)
-                # Alternate baseline and atlas runs and keep each one's fastest: the load
-                # of this shared machine drifts over seconds.
-                plains, totals, passes = [], [], []
-                for _ in range(repeats):
-                    plains.append(_plain(loaded, paths, batch))
-                    total, pass_only = _atlas(loaded, paths, layers, fused, batch)
-                    totals.append(total)
-                    passes.append(pass_only)
-                rows.append((f"{label}, {fused}", len(layers), min(plains), min(totals),
-                             min(passes)))
+        runs = [(f"{len(blocks)} block outputs", blocks, fused, None)
+                for fused in ("eager", "compile")]
+        runs += [(f"all {len(convs)} conv layers", convs, fused, None)
+                 for fused in ("eager", "compile")]
+        # The eager reduction on one thread (no Python threads sharing its tiles): what the
+        # threads add on this machine.
+        runs.append((f"all {len(convs)} conv layers", convs, "eager", 1))
+        for label, layers, fused, threads in runs:
+            if fused == "compile":  # compile outside timing
+                _atlas(loaded, paths[:batch * 2], layers, fused, batch)
+            # Alternate baseline and atlas runs and keep each one's fastest: the load
+            # of this shared machine drifts over seconds.
+            plains, totals, passes = [], [], []
+            for _ in range(repeats):
+                plains.append(_plain(loaded, paths, batch))
+                total, pass_only = _atlas(loaded, paths, layers, fused, batch, threads)
+                totals.append(total)
+                passes.append(pass_only)
+            suffix = ", 1 reduction thread" if threads == 1 else ""
+            rows.append((f"{label}, {fused}{suffix}", len(layers), min(plains), min(totals),
+                         min(passes)))
         lines.append(
             f"{count} JPEG files (400x300, decoded + resized + centre-cropped to 224 in "
             f"{WORKERS} DataLoader worker), batch {batch}, top-9 + all statistics, CPU. "

@@ -451,3 +451,44 @@ def test_one_reduction_per_run_chosen_from_the_whole_run(monkeypatch):
         choose("compile", 1, cpu, None, 1)
     source = build_module._Source(None, [f"item[{i}]" for i in range(41)], None, "x", (3, 8, 8))
     assert build_module._batch_count(source, 20) == 3
+
+
+@pytest.mark.slow
+def test_reduction_threads_and_compiled_kernel_change_no_number(monkeypatch):
+    """The pass shares the eager tiles among Python threads (by default as many as torch
+    uses; REDUCTION_THREADS=1: none) and the compiled reduction uses other kernels: every
+    array of the atlas is identical in all three runs, and the threads really ran."""
+    import importlib
+
+    from convscope.atlas.stats import ChannelStats
+
+    build_module = importlib.import_module("convscope.atlas.build")
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 12, 3, stride=2, padding=1)).eval()
+    images = torch.randn(10, 3, 64, 64)  # batches of 4 x 16 x 64 x 64: shared among threads
+    images[3, :, :8, :8] = 0.0  # flat regions: ties and zeros
+    dataset = torch.utils.data.TensorDataset(images, torch.zeros(10))
+    pools: list[bool] = []
+    update = ChannelStats.update
+
+    def recording(self, activation, indices, *, compiled=False, pool=None):
+        pools.append(pool is not None)
+        return update(self, activation, indices, compiled=compiled, pool=pool)
+
+    monkeypatch.setattr(ChannelStats, "update", recording)
+    results = []
+    for threads, fused in ((1, "eager"), (2, "eager"), (2, "compile")):
+        monkeypatch.setattr(build_module, "REDUCTION_THREADS", threads)
+        pools.clear()
+        atlas = build(model, dataset, ["0", "2"], topk=3, batch_size=4, fused=fused,
+                      rank_by=("max", "mean"))
+        results.append((atlas, list(pools)))
+    (one, one_pools), (shared, shared_pools), (compiled, compiled_pools) = results
+    assert not any(one_pools) and all(shared_pools) and not any(compiled_pools)
+    assert shared.meta["settings"]["reduction"] == "eager"
+    assert compiled.meta["settings"]["reduction"] == "compiled"
+    for other in (shared, compiled):
+        assert sorted(other._arrays) == sorted(one._arrays)
+        for key, value in one._arrays.items():
+            np.testing.assert_array_equal(other._arrays[key], value, err_msg=key)

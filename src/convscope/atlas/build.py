@@ -17,6 +17,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,11 @@ CHECKPOINT = "checkpoint{suffix}.pt"
 #: CPU: there the eager reduction (tile by tile, one read of the batch) is faster than the
 #: compiled histogram plus its separate max/sum/norm passes (docs/atlas.md).
 AUTO_COMPILE_BATCHES = {"cuda": 10}
+#: Python threads that share the eager histogram's tiles during the pass on CPU (disjoint
+#: channel blocks: the same result with any number); None: ``torch.get_num_threads()``.
+#: Each tile's ops are below torch's parallel grain, so without them one core reduces
+#: while the others idle between the model's layers.
+REDUCTION_THREADS: int | None = None
 # Test hooks (environment): checkpoint every N batches; SIGKILL self after N batches.
 _ENV_CHECKPOINT_BATCHES = "CONVSCOPE_ATLAS_CHECKPOINT_BATCHES"
 _ENV_KILL_AFTER = "CONVSCOPE_ATLAS_KILL_AFTER"
@@ -463,8 +469,6 @@ class _Run:
         self.batch_size = batch_size
         total = len(self.shard)
         compiled = self.compiled
-        every_batches = int(os.environ.get(_ENV_CHECKPOINT_BATCHES, "0") or 0)
-        kill_after = int(os.environ.get(_ENV_KILL_AFTER, "0") or 0)
         current: dict[str, torch.Tensor] = {}
 
         from convscope.spatial import SpatialLayout
@@ -473,11 +477,31 @@ class _Run:
                                        info["layout"]["channels"], info["layout"]["prefix"])
                    for name, info in self.infos.items() if "layout" in info}
 
+        device = self.loaded.device
+        threads = REDUCTION_THREADS or torch.get_num_threads()
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="atlas") \
+            if threads > 1 and device.type == "cpu" and not compiled else None
+
         def hook(name: str, _module: nn.Module, _inputs: tuple, output: Any) -> None:
             value = output[0] if isinstance(output, (tuple, list)) else output
             if name in layouts:  # channels-last or tokens, read as (N, C, H, W) maps
                 value = layouts[name].apply(value)
-            self.stats[name].update(value, current["indices"], compiled=compiled)
+            self.stats[name].update(value, current["indices"], compiled=compiled, pool=pool)
+
+        try:
+            self._pass(batch_size, workers, ckpt, fingerprint, checkpoint_every, progress,
+                       phases, hook, current, total)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+
+    def _pass(self, batch_size: int, workers: int, ckpt: Path | None, fingerprint: str,
+              checkpoint_every: float, progress: Progress | None,
+              phases: ProgressCallback | None, hook: Callable[..., None],
+              current: dict[str, torch.Tensor], total: int) -> None:
+        """The loop over the batches (see :meth:`execute`)."""
+        every_batches = int(os.environ.get(_ENV_CHECKPOINT_BATCHES, "0") or 0)
+        kill_after = int(os.environ.get(_ENV_KILL_AFTER, "0") or 0)
 
         device = self.loaded.device
         model = self.loaded.module
