@@ -112,3 +112,25 @@ def test_first_pass_runs_on_the_model_thread(tiny_loaded, monkeypatch):
     assert [p.index for p in result.predictions[:5]] == probs.argsort(descending=True)[:5].tolist()
     assert np.array_equal(np.asarray(result.display),
                           np.asarray(to_pil(tiny_loaded.transform.to_display(x[0]))))
+
+
+def test_models_load_on_their_own_thread(tiny_loaded, monkeypatch):
+    """Loading runs torch ops: it happens on the model's thread, so the calling thread (the
+    server's main thread) keeps no OpenMP team of its own."""
+    import convscope.models
+    from convscope.server.state import ModelEntry
+
+    seen: list[str] = []
+
+    def spy(spec, device="auto"):
+        seen.append(threading.current_thread().name)
+        return tiny_loaded
+
+    monkeypatch.setattr(convscope.models, "load_model", spy)
+    entry = ModelEntry("tiny", "some-spec", "cpu")
+    try:
+        assert entry.get() is tiny_loaded and entry.get() is tiny_loaded
+        assert entry.run(lambda: threading.current_thread().name) == seen[0]
+    finally:
+        entry.close()
+    assert len(seen) == 1 and seen[0].startswith("convscope-tiny")

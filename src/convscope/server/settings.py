@@ -65,9 +65,10 @@ class Settings:
     max_channels: int = 1024
     max_tile: int = 512
     #: Threads that serve requests at once (FastAPI's pool, 40 by default; None keeps that).
-    #: Each request thread running torch ops gets its own OpenMP pool, so many more threads
-    #: than cores mostly add contention (in benchmarks/bench_server.py, 2 cores and 16
-    #: clients, 4 threads served more switches per second than 40).
+    #: Request threads draw with numpy and zlib, which release the GIL, while the Python
+    #: around them holds it, so many more threads than cores mostly add contention (in
+    #: benchmarks/bench_server.py, 2 cores and 16 clients, 4 threads served more switches
+    #: per second than 40). Torch work stays on the model's thread (see ``state.py``).
     worker_threads: int | None = field(
         default_factory=lambda: min(32, max(4, 2 * (os.cpu_count() or 1))))
     #: Optional atlas folder (convscope atlas output) for top-k examples per channel.

@@ -222,10 +222,15 @@ class ModelEntry:
 
                     if isinstance(self.spec, LoadedModel):
                         self.loaded = self.spec
-                    else:
-                        log.info("loading model %s (%s)", self.name, self.spec)
-                        self.loaded = self.run(
-                            lambda: load_model(self.spec, device=self.device))
+                        return self.loaded
+                    log.info("loading model %s (%s)", self.name, self.spec)
+
+                    def load() -> Any:
+                        return load_model(self.spec, device=self.device)
+
+                    on_model_thread = threading.current_thread().name.startswith(
+                        f"convscope-{self.name}_")  # run() from here would wait on itself
+                    self.loaded = load() if on_model_thread else self.run(load)
         return self.loaded
 
     def modules(self) -> dict[str, Any]:
