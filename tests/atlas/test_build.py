@@ -455,9 +455,9 @@ def test_one_reduction_per_run_chosen_from_the_whole_run(monkeypatch):
 
 @pytest.mark.slow
 def test_reduction_threads_and_compiled_kernel_change_no_number(monkeypatch):
-    """The pass shares the eager tiles among Python threads (by default as many as torch
-    uses; REDUCTION_THREADS=1: none) and the compiled reduction uses other kernels: every
-    array of the atlas is identical in all three runs, and the threads really ran."""
+    """The pass can share the eager tiles among Python threads (REDUCTION_THREADS=2; the
+    default 1: none) and the compiled reduction uses other kernels: every array of the
+    atlas is identical in all three runs, and the threads really ran."""
     import importlib
 
     from convscope.atlas.stats import ChannelStats

@@ -46,11 +46,12 @@ CHECKPOINT = "checkpoint{suffix}.pt"
 #: CPU: there the eager reduction (tile by tile, one read of the batch) is faster than the
 #: compiled histogram plus its separate max/sum/norm passes (docs/atlas.md).
 AUTO_COMPILE_BATCHES = {"cuda": 10}
-#: Python threads that share the eager histogram's tiles during the pass on CPU (disjoint
-#: channel blocks: the same result with any number); None: ``torch.get_num_threads()``.
-#: Each tile's ops are below torch's parallel grain, so without them one core reduces
-#: while the others idle between the model's layers.
-REDUCTION_THREADS: int | None = None
+#: Python threads that share the eager reduction's tiles during the pass on CPU (disjoint
+#: channel blocks: the same result with any number). 1 (none) by default: next to the
+#: model's OpenMP threads on a loaded 2-core machine two threads measured 7x slower
+#: (0.06x against 0.43x of plain inference, docs/atlas.md); on an idle machine with spare
+#: cores more may pay off (``benchmarks/bench_atlas.py`` measures 2).
+REDUCTION_THREADS = 1
 # Test hooks (environment): checkpoint every N batches; SIGKILL self after N batches.
 _ENV_CHECKPOINT_BATCHES = "CONVSCOPE_ATLAS_CHECKPOINT_BATCHES"
 _ENV_KILL_AFTER = "CONVSCOPE_ATLAS_KILL_AFTER"
@@ -478,7 +479,7 @@ class _Run:
                    for name, info in self.infos.items() if "layout" in info}
 
         device = self.loaded.device
-        threads = REDUCTION_THREADS or torch.get_num_threads()
+        threads = REDUCTION_THREADS
         pool = ThreadPoolExecutor(threads, thread_name_prefix="atlas") \
             if threads > 1 and device.type == "cpu" and not compiled else None
 
