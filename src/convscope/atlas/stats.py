@@ -85,55 +85,64 @@ def _keys(x: torch.Tensor, edges: torch.Tensor, pow2: bool, offsets: torch.Tenso
     return bins + offsets
 
 
-#: Exponent codes :func:`_pow2_codes` keeps apart: ``q`` clamped to ``[-134, 133]``.
-CODES = 268
+#: Exponent codes :func:`_pow2_codes` keeps apart: ``k`` clamped to ``[-137, 133]``; add
+#: :data:`CODE_OFFSET` to start them at 0.
+CODES = 271
+CODE_OFFSET = 137
+#: The bin of code ``k = -1``: +0.0, and also (moved by the caller) -inf and NaN with the
+#: sign bit set.
+_ZERO_BIN = 13
 
 
 def _code_bins(device: torch.device | str = "cpu") -> torch.Tensor:
     """The :data:`DEFAULT_EDGES` bin of every exponent code of :func:`_pow2_codes` (int64
-    (CODES,)): ``q < 0``: ``133 - clamp(-q - 1, 120, 133)``; ``q >= 0``:
-    ``clamp(q, 120, 133) - 106``."""
-    q = torch.arange(-134, 134, device=device)
-    return torch.where(q < 0, 133 - (-q - 1).clamp(120, 133), q.clamp(120, 133) - 106)
+    (CODES,), code ``k`` at ``k + CODE_OFFSET``): ``k >= 0`` (x > 0, biased exponent of
+    ``m - 1``): ``clamp(k, 120, 133) - 106``; ``k = -1`` (+0.0): 13; ``k <= -2`` (x < 0
+    with biased exponent ``E = k + 256``, clamped from below): ``133 - clamp(E, 120,
+    133)``."""
+    k = torch.arange(-CODE_OFFSET, CODES - CODE_OFFSET, device=device)
+    negative = 133 - (k + 256).clamp(120, 133)
+    bins = torch.where(k >= 0, k.clamp(120, 133) - 106, negative)
+    return torch.where(k == -1, _ZERO_BIN, bins)
 
 
 def _pow2_codes(x: torch.Tensor, offsets: torch.Tensor,
                 work: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """Exponent code of every float32 value of ``x`` plus ``offsets`` (which must include
-    the ``+134`` that makes codes start at 0): eight cheap integer ops, no ``torch.where``
-    (on CPU ``where`` costs more than all of them together). :func:`_code_bins` maps codes
-    to :data:`DEFAULT_EDGES` bins once per layer, on the counts, not on every value.
+    the ``+CODE_OFFSET`` that makes codes start at 0): five cheap integer ops, no
+    ``torch.where`` (on CPU ``where`` costs more than all of them together).
+    :func:`_code_bins` maps codes to :data:`DEFAULT_EDGES` bins once per layer, on the
+    counts, not on every value.
 
-    The float's sign and magnitude bits become a two's complement integer ``u`` (``m`` for
-    x >= 0, ``-m`` for x < 0, both zeros 0), which is monotone in x; then
-    ``q = floor((u - 1) / 2**23)`` satisfies, for every edge ``e = +-2**k`` with biased
-    exponent ``E = k + 127``, ``x > e`` exactly when ``q >= +-E`` (and ``x > 0`` when
-    ``q >= 0``), so the bin (the number of edges below x) is a function of ``q`` clamped to
-    ``[-134, 133]``. Tested against ``bucketize`` on every power of two, its neighbours,
-    zeros, subnormals and infinities. A NaN with the sign bit clear gets the top code (the
-    last value bin), one with the sign bit set code 0 (bin 0): the caller moves them.
+    With the float's bits as an int32 ``b``, ``k = (b - [b >= 0]) >> 23``. For x >= +0
+    (``b = m`` >= 0) that is ``floor((m - 1) / 2**23)``: ``x > 2**j`` exactly when ``k >=
+    j + 127`` (an exact power of two stays in the lower bin), +0.0 gets -1. For x < 0
+    (-0.0 included) it is ``E - 256`` with ``E`` the biased exponent: ``|x|`` in ``[2**j,
+    2**(j+1))`` (the bin ``(-2**(j+1), -2**j]``) exactly when ``E = j + 127``. So the bin
+    is a function of ``k`` clamped to ``[-137, 133]``, except that -inf and NaN with the
+    sign bit set share +0.0's code -1 and NaN with the sign bit clear gets the top code
+    (the last value bin): the caller moves them (their rows' sums are not finite). Tested
+    against ``bucketize`` on every power of two, its neighbours, zeros, subnormals and
+    +inf.
 
     ``x`` may also be the float32 values' bits already viewed as int32. ``work``: two
     contiguous int32 buffers of at least ``x.numel()`` values (or exactly ``x``'s shape) to
-    compute in (the result is the second): a fresh tensor per op costs more than the op itself (a
-    tile's 128 KB are served by ``mmap`` and page faults); optionally then the int32 0-dim
-    constants 31, 0x7FFFFFFF, 1 and 23 (a Python number is converted at every call).
+    compute in (the result is the second): a fresh tensor per op costs more than the op
+    itself (a tile's 128 KB are served by ``mmap`` and page faults); optionally then the
+    int32 0-dim constants 0 and 23 (a Python number is converted at every call).
     """
     bits = x if x.dtype == torch.int32 else x.view(torch.int32)
     if work is None:
-        sign = bits >> 31  # -1 for x < 0 (-0.0 included), else 0
-        q = bits & 0x7FFFFFFF  # magnitude m
-        q.bitwise_xor_(sign).sub_(sign).sub_(1).bitwise_right_shift_(23)
+        q = bits - torch.ge(bits, 0).to(torch.int32)
+        q.bitwise_right_shift_(23)
     else:
-        k31, mask, one, k23 = work[2:] if len(work) > 2 else (31, 0x7FFFFFFF, 1, 23)
+        zero, k23 = work[2:] if len(work) > 2 else (0, 23)
         first, second = work[0], work[1]
         if first.shape != x.shape:
             first, second = (w[:x.numel()].view(x.shape) for w in (first, second))
-        sign = torch.bitwise_right_shift(bits, k31, out=first)
-        q = torch.bitwise_and(bits, mask, out=second)
-        q.bitwise_xor_(sign).sub_(sign).sub_(one).bitwise_right_shift_(k23)
-    # q = floor((u - 1) / 2**23)
-    return q.clamp_(-134, 133).add_(offsets)
+        torch.ge(bits, zero, out=first)  # 1 for x >= +0 (NaN with the sign bit clear too)
+        q = torch.sub(bits, first, out=second).bitwise_right_shift_(k23)
+    return q.clamp_(-CODE_OFFSET, CODES - CODE_OFFSET - 1).add_(offsets)
 
 
 def _counts(x: torch.Tensor, edges: torch.Tensor, pow2: bool, offsets: torch.Tensor,
@@ -157,9 +166,8 @@ def _codes_into(x: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor) -> No
     """:func:`_pow2_codes` of the rows ``x`` (r, M) plus ``offsets`` (r, 1), written into
     ``out`` (r, M) int32; compiled, one fused elementwise kernel."""
     bits = x.view(torch.int32)
-    sign = bits >> 31
-    q = ((bits & 0x7FFFFFFF) ^ sign) - sign
-    out.copy_(((q - 1) >> 23).clamp(-134, 133) + offsets)
+    q = (bits - (bits >= 0).to(torch.int32)) >> 23
+    out.copy_(q.clamp(-CODE_OFFSET, CODES - CODE_OFFSET - 1) + offsets)
 
 
 def _compiled_codes() -> Callable[..., Any]:
@@ -329,8 +337,8 @@ class ChannelStats:
         c, device = self.channels, rows.device
         span = max(1, min(r, COMPILED_CHUNK // m))
         keys = torch.empty(span * m, dtype=torch.int32, device=device)
-        offsets = ((torch.arange(r, device=device, dtype=torch.int32) % c) * CODES + 134
-                   ).view(r, 1)
+        offsets = ((torch.arange(r, device=device, dtype=torch.int32) % c) * CODES
+                   + CODE_OFFSET).view(r, 1)
         counts = torch.zeros(c * CODES, dtype=torch.int64, device=device)
         kernel = _compiled_codes()
         for r0 in range(0, r, span):
@@ -342,7 +350,7 @@ class ChannelStats:
             self._code_table = _code_bins(device)
         bins = torch.zeros(c, stride, dtype=torch.int64, device=device)
         bins.index_add_(1, self._code_table, counts.view(c, CODES))
-        suspects = torch.isnan(total).nonzero().view(-1)  # the rows that can hold NaN
+        suspects = (~torch.isfinite(total)).nonzero().view(-1)  # NaN or -inf: see below
         if suspects.numel():
             self._move_nan(rows[suspects], suspects % c, bins)
         return bins
@@ -356,7 +364,7 @@ class ChannelStats:
         A tile is the block ``x[n0:n1, c0:c1, m0:m1]`` of at most :data:`CHUNK` values
         (whole maps of a few channels for all images when they fit, else fewer images, else
         pieces of one map), made by ``split`` (no Python slicing per tile). With the default
-        edges each value's exponent code (:func:`_pow2_codes`, 8 integer ops in reused
+        edges each value's exponent code (:func:`_pow2_codes`, 5 integer ops in reused
         buffers) is counted per channel with ``bincount`` (tile-local keys: a ``c' x CODES``
         vector) added into ``(C, CODES)`` counts, mapped to bins once at the end; other
         edges count bins (``bucketize``; on a GPU the exact :func:`_keys`) with
@@ -377,7 +385,7 @@ class ChannelStats:
         span_c = max(1, min(c, CHUNK // (span_m * span_n)))  # > 1 only when span_n == n
         local = (torch.arange(span_c, device=device, dtype=torch.int32) * width).view(1, -1, 1)
         if fast:
-            local += 134  # codes start at 0
+            local += CODE_OFFSET  # codes start at 0
         # Tiles as views made by ``split`` (a few C++ calls per layer instead of three
         # Python slices per tile): channel blocks, then images, then pieces of maps.
         blocks = x.split(span_c, 1)
@@ -434,24 +442,27 @@ class ChannelStats:
         if self._code_table is None or self._code_table.device != device:
             self._code_table = _code_bins(device)  # made once per layer, not per batch
         bins.index_add_(1, self._code_table, counts.view(c, CODES))
-        # Rows that can hold NaN: a NaN makes the row's sum NaN (so does +inf with -inf).
-        # Rare, so they are fixed afterwards, row by row.
-        suspects = torch.isnan(total).nonzero().view(-1)
+        # Rows that can hold NaN or -inf: either makes the row's sum NaN or -inf (so does
+        # an overflow). Rare, so they are fixed afterwards, row by row.
+        suspects = (~torch.isfinite(total)).nonzero().view(-1)
         if suspects.numel():
             self._move_nan(x.reshape(n * c, m)[suspects], suspects % c, bins)
         return bins
 
     def _move_nan(self, rows: torch.Tensor, channels: torch.Tensor, counts: torch.Tensor
                   ) -> None:
-        """Move the NaN that :func:`_pow2_codes` put in the outer bins of ``rows`` (of
-        ``channels``) to the NaN bin of ``counts`` (C, stride)."""
+        """Move what :func:`_pow2_codes` miscounts in ``rows`` (of ``channels``) in
+        ``counts`` (C, stride): NaN with the sign bit clear from the last value bin and
+        NaN with it set from +0.0's bin to the NaN bin; -inf from +0.0's bin to bin 0."""
         bits = rows.view(torch.int32)
         nan = (bits & 0x7FFFFFFF) > 0x7F800000
         high = (nan & (bits > 0)).sum(1)  # sign bit clear: counted in the last value bin
         every = nan.sum(1)
+        minus_inf = (bits == -0x800000).sum(1)  # 0xFF800000
         last = self.hist.shape[1] - 1
         counts[:, last].index_add_(0, channels, -high)
-        counts[:, 0].index_add_(0, channels, high - every)
+        counts[:, _ZERO_BIN].index_add_(0, channels, high - every - minus_inf)
+        counts[:, 0].index_add_(0, channels, minus_inf)
         counts[:, last + 1].index_add_(0, channels, every)
 
     # ------------------------------------------------------------------ merge / state
@@ -548,7 +559,7 @@ class _Scratch:
         self.buffers = (torch.empty(span, dtype=torch.int32, device=device),
                         torch.empty(span, dtype=torch.int32, device=device))
         self.constants = tuple(torch.tensor(k, dtype=torch.int32, device=device)
-                               for k in (31, 0x7FFFFFFF, 1, 23))
+                               for k in (0, 23))
         self.shaped: dict[torch.Size, tuple[Any, torch.Tensor]] = {}
 
     def views(self, shape: torch.Size) -> tuple[Any, torch.Tensor]:
