@@ -43,8 +43,9 @@ Progress = Callable[[int, int, float], None]
 CHECKPOINT = "checkpoint{suffix}.pt"
 #: ``fused="auto"`` compiles runs of at least this many batches (all ranks together) on
 #: these device types: the one-off compilation (a few seconds) is repaid by then. Not on
-#: CPU: there the eager reduction (tile by tile, one read of the batch) is faster than the
-#: compiled histogram plus its separate max/sum/norm passes (docs/atlas.md).
+#: CPU: the compiled reduction uses every OpenMP thread and, next to other processes, was
+#: far slower than the one-thread eager tiles (faster only on an idle machine;
+#: docs/atlas.md).
 AUTO_COMPILE_BATCHES = {"cuda": 10}
 #: Python threads that share the eager reduction's tiles during the pass on CPU (disjoint
 #: channel blocks: the same result with any number). 1 (none) by default: next to the

@@ -5,10 +5,11 @@ device where the activations are made. Each batch is read by :meth:`ChannelStats
 per (image, channel) row its max, sum and 2-norm (squared: the sum of squares), every
 value's histogram bin, and the position of the max for the rows that enter a top-k list.
 The histogram is counted either eagerly, tile by tile (:data:`CHUNK` values at a time,
-which on CPU also take the three row reductions while the tile is in the cache), or by one
-``torch.compile``-d kernel. The two paths share every floating-point operation (each row
-is reduced whole by the same kernel) and differ only in how integer counts are made, so
-they give bit-identical statistics. States of disjoint shards combine with
+which on CPU also take the three row reductions while the tile is in the cache), or with
+``torch.compile``-d kernels (on CPU: exponent codes for blocks of rows, counted by
+``bincount``; elsewhere one fused histogram kernel). The two paths share every
+floating-point operation (each row is reduced whole by the same torch kernel) and differ
+only in how integer counts are made, so they give bit-identical statistics. States of disjoint shards combine with
 :meth:`ChannelStats.merge` into exactly what one pass over the whole data gives, whatever the
 order: counts and histograms add, and top-k lists are merged under a total order (value
 descending, then image index ascending), which also makes ties deterministic.
