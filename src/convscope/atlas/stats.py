@@ -222,11 +222,12 @@ class ChannelStats:
                compiled: bool = False, pool: ThreadPoolExecutor | None = None) -> None:
         """Fold a batch ``(N, C, H, W)`` (or ``(N, C)``) whose images have dataset indices
         ``indices`` (N,) into the state. The activation is only read, never kept.
-        ``compiled`` makes the histogram's bin ids with the ``torch.compile``-d kernel
-        (same result). ``pool``: threads (at least 2, as many as
-        ``torch.get_num_threads()``) that share the eager histogram's channel blocks (each
-        op of a tile is too small for torch's own parallelism); same result. The atlas's
-        pass does not use it: next to the model's OpenMP threads it measured slower."""
+        ``compiled`` makes the histogram's exponent codes (or bin ids) with
+        ``torch.compile``-d kernels (same result). ``pool``: threads that share the eager
+        tiles' channel blocks (each op of a tile is too small for torch's own
+        parallelism); same result. The atlas's pass uses one only with
+        ``build.REDUCTION_THREADS > 1`` (it needs an idle core: next to the model's OpenMP
+        threads on a loaded machine it measured far slower)."""
         x = activation.detach()
         if x.dim() == 2:
             x = x[:, :, None, None]
