@@ -563,15 +563,17 @@ def run(quick: bool = False, soak: float | None = None) -> str:
     lines += [
         "",
         f"Where the time goes: the server process used {one['server_cores']:.2f} cores for one "
-        f"client and {many['server_cores']:.2f} for 16 (more than one core means requests ran "
-        "in parallel, not behind one lock or the GIL), at "
+        f"client and {many['server_cores']:.2f} for 16, at "
         f"{one['server_ms']:.1f} / {many['server_ms']:.1f} ms of CPU per switch; the whole "
         f"machine was {one['machine_cores']:.2f} / {many['machine_cores']:.2f} of {cores} cores "
-        "busy (other processes included), so the ratio is capped by the free CPU. With all "
-        f"{cores} cores free, {many['server_ms']:.1f} ms per switch would allow about "
-        f"{1000 * cores / many['server_ms']:.0f} switches/s "
-        f"({1000 * cores / many['server_ms'] / one['throughput']:.1f}x the one-client "
-        "throughput measured here; an estimate, not a measurement).",
+        "busy (other processes included). CPU alone would allow about "
+        f"{1000 * cores / many['server_ms']:.0f} switches/s with all {cores} cores "
+        f"({1000 * cores / many['server_ms'] / one['throughput']:.1f}x one client); where "
+        "fewer are reached with cores to spare, the server is bound by work that holds the "
+        "GIL: at most one switch's GIL-held share runs at a time, so 16 clients reach at "
+        "most one client's time per switch divided by that share "
+        f"(here {1000 / many['throughput']:.1f} ms per switch with 16 clients against "
+        f"{1000 / one['throughput']:.1f} ms with one).",
     ]
     server_med, server_min = statistics.median(server_times), min(server_times)
     library_med, library_min = statistics.median(library_times), min(library_times)
