@@ -252,7 +252,7 @@ class ChannelStats:
         # while the histogram has the tile in the cache, one read of the batch instead of
         # four). Each row is reduced whole, serially, by the same kernel in both modes, so
         # eager and compiled give the same bits whatever the thread count.
-        fused = rows.device.type == "cpu" and h * w <= CHUNK and not compiled
+        fused = rows.device.type == "cpu" and h * w <= CHUNK
         if not fused:  # whole-layer reductions, rows split among threads: the same bits
             torch.amax(rows, dim=1, out=values.view(-1))
             torch.sum(rows, dim=1, out=total.view(-1))
@@ -312,6 +312,9 @@ class ChannelStats:
         :data:`CHUNK` values (see :meth:`_eager_counts`)."""
         c, stride = self.channels, self.hist.shape[1] + 1  # value bins + the NaN bin
         if compiled and self._pow2 and rows.device.type == "cpu":
+            if rowstats is not None:  # one thread, tile by tile, from the cache
+                self._eager_counts(rows.view(-1, c, rows.shape[1]), total, stride, rowstats,
+                                   histogram=False)
             counts = self._compiled_code_counts(rows, total, stride)
         elif compiled:
             if rowstats is not None:
@@ -331,7 +334,8 @@ class ChannelStats:
     def _compiled_code_counts(self, rows: torch.Tensor, total: torch.Tensor, stride: int
                               ) -> torch.Tensor:
         """Histogram counts ``(C, stride)`` of ``rows`` (R, M) on CPU with the default
-        edges: the exponent codes of :func:`_pow2_codes` made by one ``torch.compile``-d
+        edges (the caller has the row reductions, tile by tile or whole-layer: the same
+        bits): the exponent codes of :func:`_pow2_codes` made by one ``torch.compile``-d
         kernel (all threads, one read of the values) for blocks of whole rows of at most
         :data:`COMPILED_CHUNK` values, each block counted by one ``bincount``. The same
         integer codes and counts as the eager tiles, so the same histogram."""
