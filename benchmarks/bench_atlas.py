@@ -5,7 +5,7 @@ resize and centre crop in worker processes), so the ratios include image decodin
 reductions are measured in the same run: eager (plain tensor ops) and compiled
 (``torch.compile``), with the goals of issue 8 for every conv layer: eager >= 0.6x and
 compiled >= 0.8x of plain inference. One more row shares the eager reduction's tiles
-among 2 Python threads (``REDUCTION_THREADS = 2``; the default is 1), to show what they
+among 2 Python threads (``build(..., reduction_threads=2)``; the default is 1), to show what they
 add on the machine at hand.
 
 ``--quick``: 16 images; ``--tiny``: 8 images in batches of 4, one round, no CLI runs (only
@@ -14,7 +14,6 @@ to check that the script works).
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import subprocess
@@ -72,17 +71,11 @@ def _atlas(loaded, paths: list[str], layers: list[str], fused: str, batch: int =
     Python threads sharing the eager reduction's tiles (1, the default: none)."""
     from convscope.atlas import build
 
-    module = importlib.import_module("convscope.atlas.build")  # the name is the function
     marks: list[float] = []
-    saved = module.REDUCTION_THREADS
-    module.REDUCTION_THREADS = threads
-    try:
-        start = time.perf_counter()
-        build(loaded, paths, layers, topk=min(9, len(paths)), batch_size=batch,
-              workers=WORKERS, fused=fused,
-              progress=lambda done, total, elapsed: marks.append(elapsed))
-    finally:
-        module.REDUCTION_THREADS = saved
+    start = time.perf_counter()
+    build(loaded, paths, layers, topk=min(9, len(paths)), batch_size=batch,
+          workers=WORKERS, fused=fused, reduction_threads=threads,
+          progress=lambda done, total, elapsed: marks.append(elapsed))
     return time.perf_counter() - start, marks[-1]
 
 
@@ -133,7 +126,7 @@ def run(quick: bool, tiny: bool = False) -> str:
                 for fused in ("eager", "compile")]
         runs += [(f"all {len(convs)} conv layers", convs, fused, 1)
                  for fused in ("eager", "compile")]
-        # The eager reduction's tiles shared by 2 Python threads (REDUCTION_THREADS = 2):
+        # The eager reduction's tiles shared by 2 Python threads (reduction_threads=2):
         # what they add on this machine (they need an idle core).
         runs.append((f"all {len(convs)} conv layers", convs, "eager", 2))
         for label, layers, fused, threads in runs:

@@ -455,14 +455,11 @@ def test_one_reduction_per_run_chosen_from_the_whole_run(monkeypatch):
 
 @pytest.mark.slow
 def test_reduction_threads_and_compiled_kernel_change_no_number(monkeypatch):
-    """The pass can share the eager tiles among Python threads (REDUCTION_THREADS=2; the
+    """The pass can share the eager tiles among Python threads (reduction_threads=2; the
     default 1: none) and the compiled reduction uses other kernels: every array of the
     atlas is identical in all three runs, and the threads really ran."""
-    import importlib
-
     from convscope.atlas.stats import ChannelStats
 
-    build_module = importlib.import_module("convscope.atlas.build")
     torch.manual_seed(7)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
                                 torch.nn.Conv2d(16, 12, 3, stride=2, padding=1)).eval()
@@ -479,10 +476,9 @@ def test_reduction_threads_and_compiled_kernel_change_no_number(monkeypatch):
     monkeypatch.setattr(ChannelStats, "update", recording)
     results = []
     for threads, fused in ((1, "eager"), (2, "eager"), (2, "compile")):
-        monkeypatch.setattr(build_module, "REDUCTION_THREADS", threads)
         pools.clear()
         atlas = build(model, dataset, ["0", "2"], topk=3, batch_size=4, fused=fused,
-                      rank_by=("max", "mean"))
+                      rank_by=("max", "mean"), reduction_threads=threads)
         results.append((atlas, list(pools)))
     (one, one_pools), (shared, shared_pools), (compiled, compiled_pools) = results
     assert not any(one_pools) and all(shared_pools) and not any(compiled_pools)
@@ -492,3 +488,12 @@ def test_reduction_threads_and_compiled_kernel_change_no_number(monkeypatch):
         assert sorted(other._arrays) == sorted(one._arrays)
         for key, value in one._arrays.items():
             np.testing.assert_array_equal(other._arrays[key], value, err_msg=key)
+
+
+def test_reduction_threads_must_be_positive():
+    from convscope.atlas.build import AtlasError
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)).eval()
+    dataset = torch.utils.data.TensorDataset(torch.randn(2, 3, 16, 16), torch.zeros(2))
+    with pytest.raises(AtlasError, match="reduction_threads must be at least 1, got 0"):
+        build(model, dataset, ["0"], topk=1, reduction_threads=0)

@@ -47,12 +47,6 @@ CHECKPOINT = "checkpoint{suffix}.pt"
 #: far slower than the one-thread eager tiles (faster only on an idle machine;
 #: docs/atlas.md).
 AUTO_COMPILE_BATCHES = {"cuda": 10}
-#: Python threads that share the eager reduction's tiles during the pass on CPU (disjoint
-#: channel blocks: the same result with any number). 1 (none) by default: next to the
-#: model's OpenMP threads on a loaded 2-core machine two threads measured 7x slower
-#: (0.06x against 0.43x of plain inference, docs/atlas.md); on an idle machine with spare
-#: cores more may pay off (``benchmarks/bench_atlas.py`` measures 2).
-REDUCTION_THREADS = 1
 # Test hooks (environment): checkpoint every N batches; SIGKILL self after N batches.
 _ENV_CHECKPOINT_BATCHES = "CONVSCOPE_ATLAS_CHECKPOINT_BATCHES"
 _ENV_KILL_AFTER = "CONVSCOPE_ATLAS_KILL_AFTER"
@@ -81,6 +75,7 @@ def build(
     progress: Progress | None = None,
     distributed: bool | None = None,
     phases: ProgressCallback | None = None,
+    reduction_threads: int = 1,
 ) -> Atlas:
     """Record per-channel statistics and the top-``topk`` images of every channel of
     ``layers`` over ``data``; save to ``out`` when given (atlas.json, atlas.npz, crops/,
@@ -109,12 +104,20 @@ def build(
     only when the run compiles), ``"atlas images"`` (images of this process),
     ``"atlas crops"`` (one unit per image read and per channel strip written) and
     ``"atlas html"`` (0/1, 1/1), the last two on rank 0 only.
+
+    ``reduction_threads``: Python threads that share the eager reduction's tiles on CPU
+    (disjoint channel blocks: the same numbers with any count). 1, the default, uses none:
+    next to the model's OpenMP threads on 2 cores, 2 threads were no faster on an idle
+    machine and several times slower on a loaded one (docs/atlas.md); machines with idle
+    cores may gain.
     """
     topk = int(topk)
     if topk < 1:
         raise TopKTooLargeError(f"topk must be at least 1, got {topk}")
     if batch_size < 1:
         raise AtlasError(f"batch size must be at least 1, got {batch_size}")
+    if reduction_threads < 1:
+        raise AtlasError(f"reduction_threads must be at least 1, got {reduction_threads}")
     if fused not in ("auto", "compile", "eager"):
         raise AtlasError(f"fused must be 'auto', 'compile' or 'eager', got {fused!r}")
     rankings = tuple(dict.fromkeys(rank_by))
@@ -139,6 +142,7 @@ def build(
         raise AtlasError("resume needs an output folder (out=) to keep checkpoints in")
     fingerprint = _fingerprint(loaded, infos, source, topk, rankings, edges, max_pixels)
     run = _Run(loaded, modules, infos, source, topk, rankings, edges, rank, world)
+    run.reduction_threads = reduction_threads
     ckpt = out_dir / CHECKPOINT.format(suffix=f"-rank{rank}of{world}" if world > 1 else "") \
         if out_dir is not None else None
     # Every rank takes the same decisions (finished or not, which reduction), and a rank
@@ -399,6 +403,7 @@ class _Run:
         self.position = 0  # items of the shard consumed so far
         self.batch_size: int | None = None
         self.compiled = False  # the one reduction of this run (chosen before the pass)
+        self.reduction_threads = 1  # Python threads sharing the eager tiles (see build)
         self.stats = {name: ChannelStats(info["shape"][0], topk, rankings=rankings,
                                          edges=edges, device=loaded.device)
                       for name, info in infos.items()}
@@ -480,7 +485,7 @@ class _Run:
                    for name, info in self.infos.items() if "layout" in info}
 
         device = self.loaded.device
-        threads = REDUCTION_THREADS
+        threads = self.reduction_threads
         pool = ThreadPoolExecutor(threads, thread_name_prefix="atlas") \
             if threads > 1 and device.type == "cpu" and not compiled else None
 

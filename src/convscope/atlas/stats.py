@@ -226,8 +226,8 @@ class ChannelStats:
         ``torch.compile``-d kernels (same result). ``pool``: threads that share the eager
         tiles' channel blocks (each op of a tile is too small for torch's own
         parallelism); same result. The atlas's pass uses one only with
-        ``build.REDUCTION_THREADS > 1`` (it needs an idle core: next to the model's OpenMP
-        threads on a loaded machine it measured far slower)."""
+        ``build(..., reduction_threads=2)`` or more (it needs an idle core: next to the
+        model's OpenMP threads on a loaded machine it measured far slower)."""
         x = activation.detach()
         if x.dim() == 2:
             x = x[:, :, None, None]
