@@ -60,8 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
                    help="seconds between checkpoints (60)")
     p.add_argument("--fused", choices=["auto", "compile", "eager"], default="auto",
-                   help="histogram kernel: torch.compile'd, eager, or auto (eager on CPU, "
-                        "where it is faster; compiled for runs of 10+ batches on CUDA); "
+                   help="reduction kernels: torch.compile'd, eager, or auto (eager on CPU, "
+                        "which keeps its speed next to other work on the machine; compiled "
+                        "for runs of 10+ batches on CUDA); "
                         "chosen once per run by all processes; both give identical "
                         "statistics")
     p.add_argument("--crop-size", type=int, default=64, help="pixels per crop tile (64)")
