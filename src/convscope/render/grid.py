@@ -74,24 +74,6 @@ def _grid_shape(count: int, cols: int | None, height: int, width: int) -> tuple[
     return math.ceil(count / cols), cols
 
 
-def _resize_tiles(tiles: torch.Tensor, tile_size: int | None) -> torch.Tensor:
-    """Scale ``(K, h, w)`` tiles so the longer side is about ``tile_size``: integer nearest
-    upscaling (pixels stay crisp), area averaging when shrinking."""
-    if tile_size is None:
-        return tiles
-    if tile_size <= 0:
-        raise ValueError(f"tile_size must be positive; got {tile_size}")
-    height, width = tiles.shape[-2:]
-    longest = max(height, width)
-    if tile_size >= longest:
-        factor = tile_size // longest
-        if factor > 1:
-            tiles = tiles.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
-        return tiles
-    size = (max(1, round(height * tile_size / longest)), max(1, round(width * tile_size / longest)))
-    return torch.nn.functional.adaptive_avg_pool2d(tiles.unsqueeze(1), size).squeeze(1)
-
-
 def _index_range(count: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Start and end (exclusive) of each of ``count`` adaptive-pooling windows over
     ``size`` cells: ``floor(i * size / count)`` to ``ceil((i + 1) * size / count)``, as
@@ -193,7 +175,8 @@ def words_to_rgb(words: np.ndarray, out: np.ndarray | None = None) -> np.ndarray
 def _tile_values(maps: np.ndarray, tile_size: int | None) -> tuple[np.ndarray, int]:
     """``(N, K, h, w)`` values in [0, 1] at the tiles' drawn size, and the integer factor
     the colour tiles are still to be enlarged by (1: none). Area averaging when shrinking
-    (as :func:`_resize_tiles`); enlarging is left for after colouring."""
+    (``adaptive_avg_pool2d``'s windows); enlarging (nearest, by an integer factor) is
+    left for after colouring."""
     if tile_size is None:
         return maps, 1
     if tile_size <= 0:
@@ -367,7 +350,7 @@ def _feature_canvas(act: torch.Tensor | np.ndarray, channels: ChannelSelection,
         order = torch.argsort(stat.mean(0), descending=True, stable=True)
     index = _select_channels(maps.shape[1], channels, order)
     # numpy from here on (see the module doc): the same float32 steps as normalize_maps
-    # and _resize_tiles, on a copy of the chosen channels.
+    # and torch's repeat_interleave / adaptive_avg_pool2d, on a copy of the chosen channels.
     chosen = np.take(maps.numpy(), index, axis=1)
     normalized, finite = _normalize_array(chosen, normalize)
     values, factor = _tile_values(normalized, tile_size)  # averages: finite stays finite
