@@ -62,19 +62,23 @@ def resolve_layers(model: nn.Module, spec: LayerSpec) -> dict[str, nn.Module]:
     """
     named = [(name, module) for name, module in model.named_modules() if name]
     by_name = dict(named)
+    names = list(by_name)  # once, not per selector: capture resolves on every call
     chosen: set[str] = set()
     for selector in _selector_list(spec):
-        chosen.update(_match(model, named, by_name, selector))
+        if isinstance(selector, str) and selector != "all" and selector in by_name:
+            chosen.add(selector)
+        else:
+            chosen.update(_match(model, named, names, by_name, selector))
     return {name: module for name, module in named if name in chosen}
 
 
 def _match(
     model: nn.Module,
     named: list[tuple[str, nn.Module]],
+    names: list[str],
     by_name: dict[str, nn.Module],
     selector: LayerSelector,
 ) -> list[str]:
-    names = [name for name, _ in named]
     if isinstance(selector, bool):
         raise TypeError("a layer selector cannot be a bool")
     if isinstance(selector, int):
