@@ -9,14 +9,15 @@ import torch
 from convscope.atlas.stats import DEFAULT_EDGES, PAD_INDEX, ChannelStats
 
 
-def test_hand_worked_values_and_ties():
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_hand_worked_values_and_ties(native):
     # 2 images x 2 channels x 2x2. Channel 0 ties across images (max 3 in both).
     x = torch.tensor([
         [[[1.0, 3.0], [0.0, -1.0]], [[-2.0, -2.0], [-2.0, -2.0]]],
         [[[3.0, 2.0], [0.5, 0.5]], [[-1.0, -4.0], [-3.0, -0.5]]],
     ])
     stats = ChannelStats(2, 3, rankings=("max", "mean"))
-    stats.update(x, torch.tensor([7, 4]))
+    stats.update(x, torch.tensor([7, 4]), native=native)
     top = stats.top["max"]
     # channel 0: both images reach 3.0 -> the lower index (4) first; third slot empty.
     assert top["index"][0].tolist() == [4, 7, PAD_INDEX]
@@ -104,7 +105,8 @@ def test_pow2_codes_give_the_bucketize_bin_of_every_float_class():
         == [len(DEFAULT_EDGES), 13, 13, 13]
 
 
-def test_positions_found_lazily_equal_a_full_argmax():
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_positions_found_lazily_equal_a_full_argmax(native):
     """Positions are computed only for rows entering a top-k list (few after the first
     batches, all in the first): every stored location and value equals a brute force over
     all batches (first position of the max, NaN last)."""
@@ -115,7 +117,7 @@ def test_positions_found_lazily_equal_a_full_argmax():
     batches[6][0, 2] = 0.0  # a flat map: max 0 at (0, 0)
     stats = ChannelStats(3, 4, rankings=("max", "mean"))
     for b, x in enumerate(batches):
-        stats.update(x, torch.arange(b * 6, b * 6 + 6))
+        stats.update(x, torch.arange(b * 6, b * 6 + 6), native=native)
     every = torch.cat(batches)
     flat = every.reshape(every.shape[0], 3, -1)
     peak, where = flat.max(dim=2)
@@ -131,9 +133,11 @@ def test_positions_found_lazily_equal_a_full_argmax():
                 assert top["value"][c].tolist() == [float(score[i, c]) for i in order]
 
 
-def test_threads_share_the_tiles_without_changing_a_number():
-    """With a pool, channel blocks are counted by several threads (the atlas's pass does
-    so on CPU): every state tensor equals the one-thread result, NaN rows included."""
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_threads_share_the_tiles_without_changing_a_number(native):
+    """With a pool, rows (native) or channel blocks (torch) are reduced by several threads
+    (the atlas's pass does so on CPU with reduction_threads=2): every state tensor equals
+    the one-thread result, NaN rows included."""
     from concurrent.futures import ThreadPoolExecutor
 
     torch.manual_seed(6)
@@ -144,7 +148,7 @@ def test_threads_share_the_tiles_without_changing_a_number():
     for pool in (None, ThreadPoolExecutor(2)):
         stats = ChannelStats(64, 3, rankings=("max", "mean"))
         with torch.inference_mode():  # as in the pass: the threads must follow it
-            stats.update(x, torch.arange(4), pool=pool)
+            stats.update(x, torch.arange(4), pool=pool, native=native)
         results.append(stats.state_dict())
         if pool is not None:
             pool.shutdown()
@@ -194,10 +198,11 @@ def _numpy_histogram(x: torch.Tensor, edges: np.ndarray) -> tuple[np.ndarray, np
     return np.stack(hist), np.array(nans)
 
 
-def test_nan_inf_negative_zero_and_edges_against_numpy():
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_nan_inf_negative_zero_and_edges_against_numpy(native):
     x = _special_batch()
     stats = ChannelStats(2, 3, rankings=("max", "mean"))
-    stats.update(x, torch.tensor([10, 11, 12]))
+    stats.update(x, torch.tensor([10, 11, 12]), native=native)
     summary = stats.summary()
     hist, nans = _numpy_histogram(x, np.array(DEFAULT_EDGES))
     np.testing.assert_array_equal(summary["histogram"].numpy(), hist)
@@ -221,13 +226,13 @@ def test_nan_inf_negative_zero_and_edges_against_numpy():
 
 
 def test_tiles_bound_memory_and_do_not_change_results(monkeypatch):
-    """Histogram tiles never exceed CHUNK values (rows longer than CHUNK are cut), and the
-    tiling changes no number."""
+    """Torch reduction: histogram tiles never exceed CHUNK values (rows longer than CHUNK
+    are cut), and the tiling changes no number."""
     from convscope.atlas import stats as stats_module
 
     x = _special_batch()
     whole = ChannelStats(2, 3, rankings=("max", "mean"))
-    whole.update(x, torch.arange(3))
+    whole.update(x, torch.arange(3), native=False)
     seen: list[int] = []
 
     def recording(function):
@@ -242,7 +247,7 @@ def test_tiles_bound_memory_and_do_not_change_results(monkeypatch):
         monkeypatch.setattr(stats_module, "CHUNK", chunk)
         seen.clear()
         tiled = ChannelStats(2, 3, rankings=("max", "mean"))
-        tiled.update(x, torch.arange(3))
+        tiled.update(x, torch.arange(3), native=False)
         assert max(seen) <= chunk
         assert sum(seen) == x.numel()
         assert torch.equal(tiled.hist, whole.hist)
@@ -266,8 +271,9 @@ def test_custom_edges_use_bucketize_with_the_same_semantics():
 
 @pytest.mark.slow
 def test_compiled_and_eager_give_identical_statistics(monkeypatch):
-    """One kernel or the other: every number is bit-identical (NaN, inf, -0.0, ties,
-    several images, rows cut into tiles). No skip: where torch.compile fails, this fails."""
+    """Torch reductions, one kernel or the other: every number is bit-identical (NaN, inf,
+    -0.0, ties, several images, rows cut into tiles). No skip: where torch.compile fails,
+    this fails. (The native kernel is the same code in both modes: test_native.py.)"""
     from convscope.atlas import stats as stats_module
 
     monkeypatch.setattr(stats_module, "CHUNK", 32)  # 2 rows of 15 per tile; 63 cut in 2
@@ -282,8 +288,8 @@ def test_compiled_and_eager_give_identical_statistics(monkeypatch):
         results = []
         for compiled in (False, True):
             stats = ChannelStats(2, 4, rankings=("max", "mean"))
-            stats.update(x[:2], torch.arange(2), compiled=compiled)
-            stats.update(x[2:], torch.arange(2, x.shape[0]), compiled=compiled)
+            stats.update(x[:2], torch.arange(2), compiled=compiled, native=False)
+            stats.update(x[2:], torch.arange(2, x.shape[0]), compiled=compiled, native=False)
             results.append(stats.state_dict())
         eager, fused = results
         for key in ("sum", "sumsq", "max", "hist", "nan"):

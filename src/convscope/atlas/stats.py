@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from . import _native
+
 log = logging.getLogger(__name__)
 
 #: Fixed histogram edges: 0 and +-2**k for k = -6..6; values beyond +-64 fall into the two
@@ -219,15 +221,21 @@ class ChannelStats:
     # ------------------------------------------------------------------ update
 
     def update(self, activation: torch.Tensor, indices: torch.Tensor, *,
-               compiled: bool = False, pool: ThreadPoolExecutor | None = None) -> None:
+               compiled: bool = False, pool: ThreadPoolExecutor | None = None,
+               native: bool = True) -> None:
         """Fold a batch ``(N, C, H, W)`` (or ``(N, C)``) whose images have dataset indices
         ``indices`` (N,) into the state. The activation is only read, never kept.
-        ``compiled`` makes the histogram's exponent codes (or bin ids) with
-        ``torch.compile``-d kernels (same result). ``pool``: threads that share the eager
-        tiles' channel blocks (each op of a tile is too small for torch's own
-        parallelism); same result. The atlas's pass uses one only with
+        ``native`` (on CPU with the default edges): every row's max, sum, sum of squares
+        and histogram counts come from one read by the C kernel of
+        :mod:`convscope.atlas._native` (float64 row sums), whatever ``compiled``; without a C
+        compiler, or with ``native=False``, from torch ops. ``compiled`` makes the torch
+        histogram's exponent codes (or bin ids) with ``torch.compile``-d kernels (same
+        result). ``pool``: threads that share the rows (native) or the eager tiles'
+        channel blocks; same result. The atlas's pass uses one only with
         ``build(..., reduction_threads=2)`` or more (it needs an idle core: next to the
-        model's OpenMP threads on a loaded machine it measured far slower)."""
+        model's OpenMP threads on a loaded machine it measured far slower). The native
+        and torch reductions differ in the last bits of the sums (another summation
+        order): one run uses one of them."""
         x = activation.detach()
         if x.dim() == 2:
             x = x[:, :, None, None]
@@ -242,27 +250,18 @@ class ChannelStats:
         rows = x.reshape(n * c, h * w)
         if rows.dtype != torch.float32 or not rows.is_contiguous():
             rows = rows.float().contiguous()
-        # The spatial max alone (vectorised; NaN propagates): where it is, the slow part of
-        # ``max(dim=1)``, is only needed for the rows that enter a top-k list (below).
-        # Sum of squares as the squared 2-norm: one vectorised pass, no (R, M) temporary
-        # (several times faster than a batched dot product on CPU).
-        values, total, norms = (torch.empty(n, c, dtype=torch.float32, device=rows.device)
-                                for _ in range(3))
-        # On CPU with whole maps in a tile, the three reductions run tile by tile (eager:
-        # while the histogram has the tile in the cache, one read of the batch instead of
-        # four). Each row is reduced whole, serially, by the same kernel in both modes, so
-        # eager and compiled give the same bits whatever the thread count.
-        fused = rows.device.type == "cpu" and h * w <= CHUNK
-        if not fused:  # whole-layer reductions, rows split among threads: the same bits
-            torch.amax(rows, dim=1, out=values.view(-1))
-            torch.sum(rows, dim=1, out=total.view(-1))
-            torch.linalg.vector_norm(rows, dim=1, out=norms.view(-1))
-        self._histogram(rows, total.view(-1), compiled,
-                        (values, total, norms) if fused else None, pool)
-        squares = norms.square_()
+        kernel = _native.kernel() if (
+            native and self._pow2 and rows.device.type == "cpu") else None
+        if kernel is not None:
+            values, total, squares = self._native_rows(kernel, rows, n, pool)
+            self.sum += total.sum(0)
+            self.sumsq += squares.sum(0)
+            total = total.float()  # for the "mean" ranking
+        else:
+            values, total, squares = self._torch_rows(rows, n, compiled, pool, h * w <= CHUNK)
+            self.sum += total.double().sum(0)
+            self.sumsq += squares.double().sum(0)
         self.images += n
-        self.sum += total.double().sum(0)
-        self.sumsq += squares.double().sum(0)
         self.max = torch.maximum(self.max, values.amax(0))
         idx = indices.to(self.device, torch.int64).view(n, 1).expand(n, c)
         scores = {name: values if name == "max" else total / float(h * w)
@@ -273,6 +272,63 @@ class ChannelStats:
         for name in self.rankings:
             _apply_top(self.top[name], scores[name].T, idx.T, location.transpose(0, 1),
                        picks[name])
+
+    def _native_rows(self, native: _native.Kernel, rows: torch.Tensor, n: int,
+                     pool: ThreadPoolExecutor | None) -> tuple[torch.Tensor, ...]:
+        """Every row's max (float32), sum and sum of squares (float64) as (N, C) tensors,
+        with the histogram and NaN counts added to the state: one read of every value by
+        the C kernel (:mod:`convscope.atlas._native`). With ``pool``, contiguous blocks of
+        rows go to the threads (ctypes releases the GIL), each with its own counts, added
+        afterwards (integers: the same result; each row is reduced whole by one thread)."""
+        r, m = rows.shape
+        c = self.channels
+        values = torch.empty(n, c, dtype=torch.float32)
+        total = torch.empty(n, c, dtype=torch.float64)
+        squares = torch.empty(n, c, dtype=torch.float64)
+        threads = max(2, torch.get_num_threads()) if pool is not None else 1
+        threads = min(threads, r) if rows.numel() >= 4 * CHUNK else 1
+        counts = torch.zeros(threads, c, _native.BINS, dtype=torch.int64)
+        bounds = [r * i // threads for i in range(threads + 1)]
+        x, out = rows.data_ptr(), (values.data_ptr(), total.data_ptr(), squares.data_ptr())
+
+        def run(part: int) -> None:
+            r0, r1 = bounds[part], bounds[part + 1]
+            native.reduce_rows(x + r0 * m * 4, r1 - r0, m, c, r0, out[0] + r0 * 4,
+                               out[1] + r0 * 8, out[2] + r0 * 8, counts[part].data_ptr())
+
+        if threads > 1 and pool is not None:
+            list(pool.map(run, range(threads)))
+        else:
+            run(0)
+        counts = counts.sum(0)
+        self.hist += counts[:, :-1]
+        self.nan += counts[:, -1]
+        return values, total, squares
+
+    def _torch_rows(self, rows: torch.Tensor, n: int, compiled: bool,
+                    pool: ThreadPoolExecutor | None, fused: bool
+                    ) -> tuple[torch.Tensor, ...]:
+        """Every row's max, sum and squared 2-norm (float32 (N, C)), with the histogram
+        counted into the state, by torch ops (GPU, custom edges, or no C compiler)."""
+        c = self.channels
+        # The spatial max alone (vectorised; NaN propagates): where it is, the slow part of
+        # ``max(dim=1)``, is only needed for the rows that enter a top-k list (below).
+        # Sum of squares as the squared 2-norm: one vectorised pass, no (R, M) temporary
+        # (several times faster than a batched dot product on CPU).
+        values, total, norms = (torch.empty(n, c, dtype=torch.float32, device=rows.device)
+                                for _ in range(3))
+        # On CPU with whole maps in a tile (``fused``), the three reductions run tile by
+        # tile (eager: while the histogram has the tile in the cache, one read of the batch
+        # instead of four). Each row is reduced whole, serially, by the same kernel in both
+        # modes, so eager and compiled give the same bits whatever the thread count.
+        fused = fused and rows.device.type == "cpu"
+        if not fused:  # whole-layer reductions, rows split among threads: the same bits
+            torch.amax(rows, dim=1, out=values.view(-1))
+            torch.sum(rows, dim=1, out=total.view(-1))
+            torch.linalg.vector_norm(rows, dim=1, out=norms.view(-1))
+        self._histogram(rows, total.view(-1), compiled,
+                        (values, total, norms) if fused else None, pool)
+        return values, total, norms.square_()
 
     def _locate(self, rows: torch.Tensor, values: torch.Tensor,
                 picks: dict[str, torch.Tensor], c: int, w: int) -> torch.Tensor:
