@@ -91,7 +91,10 @@ def build(
     histogram's bin ids with one ``torch.compile``-d kernel, ``"eager"`` with plain tensor
     ops, ``"auto"`` compiles when the whole run (all ranks, from its start) has enough
     batches to repay the compile time; the choice is made once per run, by all ranks
-    together, and both give identical statistics. With ``out`` and
+    together, and both give identical statistics. On CPU with the default ``edges`` both
+    modes reduce the rows with the same C kernel (one read of every value; built at first
+    use with the system C compiler, torch ops without one), so nothing is compiled there;
+    the run records that kernel and a resume keeps it. With ``out`` and
     ``resume=True`` an interrupted run continues from its last checkpoint (written every
     ``checkpoint_every`` seconds) and ends with the same result. Under ``torchrun``
     (``torch.distributed`` initialised) every rank processes a disjoint shard and all ranks
@@ -105,8 +108,9 @@ def build(
     ``"atlas crops"`` (one unit per image read and per channel strip written) and
     ``"atlas html"`` (0/1, 1/1), the last two on rank 0 only.
 
-    ``reduction_threads``: Python threads that share the eager reduction's tiles on CPU
-    (disjoint channel blocks: the same numbers with any count). 1, the default, uses none:
+    ``reduction_threads``: Python threads that share the eager reduction on CPU (blocks
+    of rows for the C kernel, channel blocks of the torch tiles: the same numbers with any
+    count). 1, the default, uses none:
     next to the model's OpenMP threads on 2 cores, 2 threads were no faster on an idle
     machine and several times slower on a loaded one (docs/atlas.md); machines with idle
     cores may gain.
@@ -150,6 +154,7 @@ def build(
     # collective would hang torchrun.
     finished = False
     recorded: bool | None = None  # the reduction of the run being resumed
+    recorded_kernel: str | None = None  # and its kernel ("native" or "torch")
     error: BaseException | None = None
     try:
         if out_dir is not None:
@@ -157,6 +162,7 @@ def build(
             finished = resume and _finished(out_dir, fingerprint)
             if resume and ckpt is not None and ckpt.exists():
                 recorded = run.load_checkpoint(ckpt, fingerprint, force)
+                recorded_kernel = run.kernel if recorded is not None else None
     except Exception as caught:  # re-raised below, after the other ranks have heard of it
         error = caught
     if not _all_ranks(error is None, world, loaded.device):
@@ -170,7 +176,9 @@ def build(
             ckpt.unlink()  # left by a crash after the atlas was written
         return Atlas.load(out_dir)  # type: ignore[arg-type]
     batches = _batch_count(source, batch_size)
-    compiled = _choose_reduction(fused, batches, loaded.device, recorded, world, phases)
+    run.kernel = _choose_kernel(loaded.device, edges, recorded_kernel, world)
+    compiled = _choose_reduction(fused, batches, loaded.device, recorded, world, phases,
+                                 probe=run.kernel != "native")
     run.compiled = compiled
     clock = time.perf_counter()
     run.execute(batch_size, workers, ckpt, fingerprint, checkpoint_every, progress, phases)
@@ -404,6 +412,7 @@ class _Run:
         self.batch_size: int | None = None
         self.compiled = False  # the one reduction of this run (chosen before the pass)
         self.reduction_threads = 1  # Python threads sharing the eager tiles (see build)
+        self.kernel = "torch"  # the row reductions: "native" (C kernel) or "torch"
         self.stats = {name: ChannelStats(info["shape"][0], topk, rankings=rankings,
                                          edges=edges, device=loaded.device)
                       for name, info in infos.items()}
@@ -418,7 +427,7 @@ class _Run:
         state = {
             "fingerprint": fingerprint, "rank": self.rank, "world": self.world,
             "position": self.position, "position_images": self.position_images,
-            "batch_size": self.batch_size, "compiled": self.compiled,
+            "batch_size": self.batch_size, "compiled": self.compiled, "kernel": self.kernel,
             "stats": {name: s.state_dict() for name, s in self.stats.items()},
             "pred_class": self.pred_class, "pred_prob": self.pred_prob,
             "failures": [[i, msg] for i, msg in sorted(self.failures.items())],
@@ -450,6 +459,7 @@ class _Run:
                       for name, s in state["stats"].items()}
         self.pred_class, self.pred_prob = state["pred_class"], state["pred_prob"]
         self.failures = {int(i): str(msg) for i, msg in state["failures"]}
+        self.kernel = str(state.get("kernel", "torch"))  # checkpoints before the C kernel
         log.info("resuming from %s at image %d of %d", path, self.position, len(self.shard))
         return bool(state.get("compiled", False))
 
@@ -486,6 +496,8 @@ class _Run:
 
         device = self.loaded.device
         threads = self.reduction_threads
+        for stats in self.stats.values():  # the run's one kernel (see _choose_kernel)
+            stats.native = self.kernel == "native"
         pool = ThreadPoolExecutor(threads, thread_name_prefix="atlas") \
             if threads > 1 and device.type == "cpu" and not compiled else None
 
@@ -628,7 +640,8 @@ class _Run:
             "class_names": self.loaded.class_names,
             "settings": {"topk": k, "rank_by": list(next(iter(self.stats.values())).rankings),
                          "batch_size": self.batch_size, "processes": self.world,
-                         "reduction": "compiled" if self.compiled else "eager"},
+                         "reduction": "compiled" if self.compiled else "eager",
+                         "kernel": self.kernel},
         }
         return Atlas(meta, arrays)
 
@@ -650,11 +663,33 @@ def _batch_count(source: _Source, batch_size: int) -> int:
     return -(-len(source.names) // batch_size)
 
 
+def _choose_kernel(device: torch.device, edges: Sequence[float], recorded: str | None,
+                   world: int) -> str:
+    """The row reductions of the whole run, agreed by all ranks: ``"native"`` (the C
+    kernel of :mod:`convscope.atlas._native`, on CPU with the default edges, whatever
+    ``fused``) or ``"torch"``. Their float sums differ in the last bits, so a resumed run
+    keeps the recorded one: a run started with torch stays on torch, and one started with
+    the C kernel is refused where the kernel cannot be built."""
+    from . import _native
+
+    applies = device.type == "cpu" and [float(e) for e in edges] == list(DEFAULT_EDGES)
+    want = applies and recorded != "torch"
+    ok = want and _native.kernel() is not None
+    agreed = _all_ranks(ok, world, device)
+    if recorded == "native" and not agreed:
+        raise AtlasError("this checkpoint was made with the atlas's C kernel, which cannot "
+                         "be built or loaded here (see the warning above); resume where a C "
+                         "compiler is available, or pass --force to start over")
+    return "native" if agreed else "torch"
+
+
 def _choose_reduction(fused: str, batches: int, device: torch.device, recorded: bool | None,
-                      world: int, phases: ProgressCallback | None = None) -> bool:
+                      world: int, phases: ProgressCallback | None = None, *,
+                      probe: bool = True) -> bool:
     """One reduction for the whole run, agreed by all ranks: compiled or eager (True:
     compiled). A resumed run keeps the one its checkpoint recorded. Both give identical
-    statistics; compiling only pays off for long runs."""
+    statistics; compiling only pays off for long runs. ``probe=False`` (the C kernel
+    reduces the rows, so nothing is compiled): the choice is only recorded."""
     if fused not in ("auto", "compile", "eager"):
         raise AtlasError(f"fused must be 'auto', 'compile' or 'eager', got {fused!r}")
     if recorded is not None:
@@ -665,7 +700,7 @@ def _choose_reduction(fused: str, batches: int, device: torch.device, recorded: 
     else:
         want = fused == "compile"
     ok, error = want, None
-    if want:
+    if want and probe:
         report(phases, "atlas compile", 0, 1)  # the warm-up: seconds, silent otherwise
         try:
             _probe_compile(device)

@@ -217,15 +217,19 @@ class ChannelStats:
             name: _empty_top(c, self.k, dev) for name in self.rankings
         }
         self._code_table: torch.Tensor | None = None  # exponent code -> bin
+        #: Reduce rows with the C kernel where it applies (see :meth:`update`); an atlas
+        #: run sets it once for all its layers (the kernel it recorded).
+        self.native = True
 
     # ------------------------------------------------------------------ update
 
     def update(self, activation: torch.Tensor, indices: torch.Tensor, *,
                compiled: bool = False, pool: ThreadPoolExecutor | None = None,
-               native: bool = True) -> None:
+               native: bool | None = None) -> None:
         """Fold a batch ``(N, C, H, W)`` (or ``(N, C)``) whose images have dataset indices
         ``indices`` (N,) into the state. The activation is only read, never kept.
-        ``native`` (on CPU with the default edges): every row's max, sum, sum of squares
+        ``native`` (default: the ``native`` attribute, True unless set; on CPU with the
+        default edges): every row's max, sum, sum of squares
         and histogram counts come from one read by the C kernel of
         :mod:`convscope.atlas._native` (float64 row sums), whatever ``compiled``; without a C
         compiler, or with ``native=False``, from torch ops. ``compiled`` makes the torch
@@ -250,6 +254,7 @@ class ChannelStats:
         rows = x.reshape(n * c, h * w)
         if rows.dtype != torch.float32 or not rows.is_contiguous():
             rows = rows.float().contiguous()
+        native = self.native if native is None else native
         kernel = _native.kernel() if (
             native and self._pow2 and rows.device.type == "cpu") else None
         if kernel is not None:
