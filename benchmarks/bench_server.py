@@ -40,6 +40,10 @@ from convscope.server import Settings, create_app
 extra = {}
 if os.environ.get("BENCH_WORKER_THREADS"):  # 0: FastAPI's default pool (40 threads)
     extra["worker_threads"] = int(os.environ["BENCH_WORKER_THREADS"]) or None
+if os.environ.get("BENCH_SWITCH_INTERVAL"):  # experiments: the GIL's switch interval
+    sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
+if os.environ.get("BENCH_FAST_PATH") == "0":  # every request through FastAPI
+    extra["fast_path"] = False
 app = create_app(Settings(models=["efficientnet_lite0"], device="cpu", cache_entries=8,
                           **extra))
 app.state.convscope.models["efficientnet_lite0"].get()
@@ -439,7 +443,11 @@ def _cli_time(path: Path, layer: str, out: Path) -> float:
     return time.perf_counter() - start
 
 
-def run(quick: bool = False, soak: float | None = None) -> str:
+def run(quick: bool = False, soak: float | None = None, concurrency_only: bool = False,
+        seconds: float | None = None) -> str:
+    """The benchmark as markdown. ``concurrency_only``: sections 1 and 2 alone (one client,
+    then 1 and 16 concurrent clients); ``seconds``: the 16-client duration (default 30, 8
+    with ``quick``; one client runs a third of it)."""
     import torch
 
     from convscope.models import load_model
@@ -479,10 +487,13 @@ def run(quick: bool = False, soak: float | None = None) -> str:
         forwards_before = json.loads(client.get("/api/status"))["forward_passes"]
 
         # 2. 16 concurrent clients.
-        seconds = 8.0 if quick else 30.0
+        seconds = seconds or (8.0 if quick else 30.0)
         one = _run_clients(port, 1, seconds / 3, shapes, conv, server.pid)
         many = _run_clients(port, 16, seconds, shapes, conv, server.pid)
         forwards_after = json.loads(client.get("/api/status"))["forward_passes"]
+        if concurrency_only:
+            return "\n".join(_switching_lines(shapes, forwards_after - forwards_before,
+                                               single, steps, single_throughput, one, many))
 
         # 3. First view of a new image through the server.
         layer = "_blocks.3"
@@ -518,13 +529,60 @@ def run(quick: bool = False, soak: float | None = None) -> str:
         path.write_bytes(_new_image_bytes(999))
         cli_times = [_cli_time(path, layer, Path(tmp) / "out.png")]
 
+    lines = _switching_lines(shapes, forwards_after - forwards_before, single, steps,
+                             single_throughput, one, many)
+    server_med, server_min = statistics.median(server_times), min(server_times)
+    library_med, library_min = statistics.median(library_times), min(library_times)
+    native_med, native_min = statistics.median(native_times), min(native_times)
+    map_px = max(shapes[layer][1:])
+    _, _, tile = _page_grid_layout(torch.empty(shapes[layer]))
+    native_px, page_px = map_px, (tile // map_px) * map_px if tile >= map_px else tile
+    cli_med = statistics.median(cli_times)
+    lines += [
+        "",
+        f"| first view of a new image (upload, top-5, input, one layer grid), {reps} images | "
+        "median s | best s | server / this (median) | server / this (best) |",
+        "|---|---:|---:|---:|---:|",
+        f"| server (HTTP; captures the shown layer, the rest on the first switch) | "
+        f"{server_med:.3f} | "
+        f"{server_min:.3f} | 1.00 | 1.00 |",
+        f"| same work in-process with the library (one layer captured; the page's grid and "
+        f"input drawn, PNG via Pillow; same pixels as the server's: "
+        f"{'yes' if same else 'NO'}) | {library_med:.3f} | "
+        f"{library_min:.3f} | {server_med / library_med:.2f}x | "
+        f"{server_min / library_min:.2f}x |",
+        f"| the same, grid at the activation's size ({native_px} px tiles, not the page's "
+        f"{page_px}; the previous baseline) | {native_med:.3f} | {native_min:.3f} | "
+        f"{server_med / native_med:.2f}x | {server_min / native_min:.2f}x |",
+        f"| `convscope activations` CLI process (start, model load, same work) | {cli_med:.3f} | "
+        f"{min(cli_times):.3f} | {server_med / cli_med:.2f}x | "
+        f"{server_min / min(cli_times):.2f}x |",
+        "",
+        f"Goal: first view <= 1.3x the same work in-process (no process start or model "
+        f"load): {server_med / library_med:.2f}x (median) and "
+        f"{server_min / library_min:.2f}x (best) "
+        f"({'yes' if max(server_med / library_med, server_min / library_min) <= 1.3 else 'NO'})"
+        f"; a `convscope activations` process doing it takes {server_med / cli_med:.2f}x "
+        "the server's time, model load included.",
+    ]
+    lines += _jobs_lines(jobs, single)
+    if soaked is not None:
+        lines += _soak_lines(soaked, soak_seconds)
+    return "\n".join(lines)
+
+
+def _switching_lines(shapes: dict, forwards: int, single: dict, steps: int,
+                     single_throughput: float, one: dict, many: dict) -> list[str]:
+    """Sections 1 and 2 as markdown: one client's latencies, then 1 against 16 clients."""
+    import torch
+
     lines = [
         f"Server process on 127.0.0.1 ({_http_stack()}) with the pretrained "
         f"EfficientNet-Lite0 (224x224), {torch.get_num_threads()} torch threads, "
         f"{os.cpu_count()} CPUs; image "
         f"`{IMAGE}` cached (the first view captures the shown layer, the first switch to "
         f"another layer captures all {len(shapes)}; "
-        f"{forwards_after - forwards_before} further forward passes during the switching "
+        f"{forwards} further forward passes during the switching "
         "runs below).",
         "",
         "| one client, cached image | switches | p50 ms | p95 ms | p99 ms | goal |",
@@ -575,44 +633,7 @@ def run(quick: bool = False, soak: float | None = None) -> str:
         f"(here {1000 / many['throughput']:.1f} ms per switch with 16 clients against "
         f"{1000 / one['throughput']:.1f} ms with one).",
     ]
-    server_med, server_min = statistics.median(server_times), min(server_times)
-    library_med, library_min = statistics.median(library_times), min(library_times)
-    native_med, native_min = statistics.median(native_times), min(native_times)
-    map_px = max(shapes[layer][1:])
-    _, _, tile = _page_grid_layout(torch.empty(shapes[layer]))
-    native_px, page_px = map_px, (tile // map_px) * map_px if tile >= map_px else tile
-    cli_med = statistics.median(cli_times)
-    lines += [
-        "",
-        f"| first view of a new image (upload, top-5, input, one layer grid), {reps} images | "
-        "median s | best s | server / this (median) | server / this (best) |",
-        "|---|---:|---:|---:|---:|",
-        f"| server (HTTP; captures the shown layer, the rest on the first switch) | "
-        f"{server_med:.3f} | "
-        f"{server_min:.3f} | 1.00 | 1.00 |",
-        f"| same work in-process with the library (one layer captured; the page's grid and "
-        f"input drawn, PNG via Pillow; same pixels as the server's: "
-        f"{'yes' if same else 'NO'}) | {library_med:.3f} | "
-        f"{library_min:.3f} | {server_med / library_med:.2f}x | "
-        f"{server_min / library_min:.2f}x |",
-        f"| the same, grid at the activation's size ({native_px} px tiles, not the page's "
-        f"{page_px}; the previous baseline) | {native_med:.3f} | {native_min:.3f} | "
-        f"{server_med / native_med:.2f}x | {server_min / native_min:.2f}x |",
-        f"| `convscope activations` CLI process (start, model load, same work) | {cli_med:.3f} | "
-        f"{min(cli_times):.3f} | {server_med / cli_med:.2f}x | "
-        f"{server_min / min(cli_times):.2f}x |",
-        "",
-        f"Goal: first view <= 1.3x the same work in-process (no process start or model "
-        f"load): {server_med / library_med:.2f}x (median) and "
-        f"{server_min / library_min:.2f}x (best) "
-        f"({'yes' if max(server_med / library_med, server_min / library_min) <= 1.3 else 'NO'})"
-        f"; a `convscope activations` process doing it takes {server_med / cli_med:.2f}x "
-        "the server's time, model load included.",
-    ]
-    lines += _jobs_lines(jobs, single)
-    if soaked is not None:
-        lines += _soak_lines(soaked, soak_seconds)
-    return "\n".join(lines)
+    return lines
 
 
 def _jobs_lines(jobs: dict, single: dict) -> list[str]:
@@ -694,10 +715,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="short runs: 60 single-client switches, 8 s with 16 clients, "
                              "3 first views, 10 s of jobs, a 20 s soak")
+    parser.add_argument("--concurrency-only", action="store_true",
+                        help="only the one-client latencies and the 1 vs 16 clients runs")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="16-client duration (default 30, 8 with --quick)")
     parser.add_argument("--soak", type=float, default=None, metavar="SECONDS",
                         help="soak duration (default 600, 20 with --quick; 0 skips it)")
     args = parser.parse_args(argv)
-    print(run(quick=args.quick, soak=args.soak))
+    print(run(quick=args.quick, soak=args.soak, concurrency_only=args.concurrency_only,
+              seconds=args.seconds))
     return 0
 
 

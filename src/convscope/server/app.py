@@ -4,7 +4,9 @@ Routes are plain ``def`` functions: FastAPI runs them in its thread pool, and to
 numpy and zlib release the GIL in their kernels, so concurrent requests render in
 parallel instead of queueing behind one lock. Only the upload route is ``async``, to stop
 reading a body as soon as it exceeds the limit. Expensive work runs as jobs
-(:mod:`convscope.server.jobs`); :mod:`convscope.server.guard` checks every request.
+(:mod:`convscope.server.jobs`); :mod:`convscope.server.guard` checks every request, and
+:mod:`convscope.server.fast` answers the GETs of a layer or channel switch through the same
+route functions without FastAPI's per-request work.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the route annotations, and the
@@ -16,6 +18,7 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Annotated, Any, Literal
 
+from .fast import FastPath, hot_routes
 from .guard import CLIENT_KEY, Guard
 from .jobs import QueueFullError
 from .settings import Settings
@@ -101,7 +104,6 @@ def create_app(settings: Settings | None = None) -> Any:
         version=_version(),
     )
     app.state.convscope = state
-    app.add_middleware(Guard, hosts=settings.hosts(), token=settings.token)
     static = resources.files("convscope.server") / "static"
 
     def error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -396,6 +398,11 @@ def create_app(settings: Settings | None = None) -> Any:
     def api_status() -> dict[str, Any]:
         return state.status()
 
+    # Guard -> fast path -> FastAPI (the last middleware added is the outermost): every
+    # request is checked first; the hot GETs skip FastAPI's routing and validation.
+    if settings.fast_path:
+        app.add_middleware(FastPath, routes=hot_routes(app.routes))
+    app.add_middleware(Guard, hosts=settings.hosts(), token=settings.token)
     return app
 
 

@@ -71,6 +71,12 @@ class Settings:
     #: per second than 40). Torch work stays on the model's thread (see ``state.py``).
     worker_threads: int | None = field(
         default_factory=lambda: min(32, max(4, 2 * (os.cpu_count() or 1))))
+    #: Answer the GETs of a layer or channel switch (grid, channel and filter views)
+    #: through their route functions without FastAPI's routing and validation around them
+    #: (:mod:`convscope.server.fast`: same answers; anything unusual still goes to
+    #: FastAPI). That per-request work holds the GIL on the event loop's thread, which is
+    #: what limited concurrent clients. False: every request through FastAPI.
+    fast_path: bool = True
     #: Optional atlas folder (convscope atlas output) for top-k examples per channel.
     atlas: str | Path | None = None
 
