@@ -22,16 +22,19 @@ def _kernel() -> _native.Kernel:
 
 
 def _reduce(rows: torch.Tensor, channels: int, first_row: int = 0):
-    """(max, sum, sumsq, counts (C, 29)) of rows (R, M) float32 by the kernel."""
+    """(max, sum, sumsq, counts (C, 29), position of the max) of rows (R, M) float32 by
+    the kernel."""
     rows = rows.contiguous()
     r, m = rows.shape
     maxv = torch.empty(r)
+    where = torch.empty(r, dtype=torch.int64)
     total = torch.empty(r, dtype=torch.float64)
     sumsq = torch.empty(r, dtype=torch.float64)
     counts = torch.zeros(channels, _native.BINS, dtype=torch.int64)
     _kernel().reduce_rows(rows.data_ptr(), r, m, channels, first_row, maxv.data_ptr(),
-                          total.data_ptr(), sumsq.data_ptr(), counts.data_ptr())
-    return maxv, total, sumsq, counts
+                          where.data_ptr(), total.data_ptr(), sumsq.data_ptr(),
+                          counts.data_ptr())
+    return maxv, total, sumsq, counts, where
 
 
 def _special_values() -> torch.Tensor:
@@ -69,10 +72,14 @@ def _numpy_expected(rows: np.ndarray, channels: int, first_row: int = 0):
 
 
 def _check(rows: torch.Tensor, channels: int, first_row: int = 0) -> None:
-    maxv, total, sumsq, counts = _reduce(rows, channels, first_row)
+    maxv, total, sumsq, counts, where = _reduce(rows, channels, first_row)
     want = _numpy_expected(rows.numpy(), channels, first_row)
     np.testing.assert_array_equal(counts.numpy(), want[3])
     np.testing.assert_array_equal(maxv.numpy(), want[0])  # exact; NaN where NaN
+    best, first = rows.max(dim=1)  # torch's first position of the max (NaN wins)
+    assert where.tolist() == first.tolist()
+    # the very element, down to the sign of a zero and a NaN's bits
+    assert torch.equal(maxv.view(torch.int32), best.view(torch.int32))
     np.testing.assert_allclose(total.numpy(), want[1], rtol=1e-13, atol=1e-300)
     np.testing.assert_allclose(sumsq.numpy(), want[2], rtol=1e-13, atol=0)
 
@@ -100,12 +107,18 @@ def test_odd_shapes_and_long_rows_against_numpy(shape):
     _check(x.reshape(n * c, -1), c)
 
 
-def test_negative_zero_max_and_sign():
-    """The max orders -0.0 below +0.0 (an integer key of the bits): a row of -0.0 has the
-    max -0.0, one with +0.0 too has +0.0."""
-    maxv, *_ = _reduce(torch.tensor([[-0.0, -0.0, -1.0], [-0.0, 0.0, -0.0]]), 1)
-    assert maxv.tolist() == [0.0, 0.0]
-    assert torch.signbit(maxv).tolist() == [True, False]
+def test_zeros_of_both_signs_tie_like_torch_max():
+    """-0.0 and +0.0 are equal for the max (as for torch's max(dim)): the first of them
+    wins, and it is returned as it is."""
+    rows = torch.full((4, 41), -2.0)
+    rows[0, :2] = -0.0
+    rows[1, 0], rows[1, 1], rows[1, 2] = -0.0, 0.0, -0.0
+    rows[2, 1], rows[2, 2] = 0.0, -0.0
+    rows[3, 20], rows[3, 21:] = -0.0, 0.0  # in other lanes of the kernel: first one wins
+    maxv, _, _, _, where = _reduce(rows, 1)
+    assert where.tolist() == [0, 0, 1, 20]
+    assert torch.signbit(maxv).tolist() == [True, True, False, True]
+    assert where.tolist() == rows.max(dim=1).indices.tolist()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

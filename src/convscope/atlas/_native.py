@@ -92,26 +92,32 @@ static inline void count_bins(uint32_t hist[][32], const uint8_t *bins, int64_t 
     for (; i < len; i++) hist[0][bins[i]]++;
 }
 
-/* Float bits -> int32 in the floats' order (-0.0 just below +0.0); an involution. */
-static inline int32_t order_key(int32_t b) { return b ^ ((b >> 31) & 0x7FFFFFFF); }
+/* Float bits -> int32 in the floats' order, as max(dim) compares them: -0.0 equal to
+   +0.0 (key 0), every NaN above +inf (it wins, at its first position). */
+static inline int32_t order_key(int32_t b) {
+    if ((b & 0x7FFFFFFF) > 0x7F800000) return INT32_MAX;
+    int32_t k = b ^ ((b >> 31) & 0x7FFFFFFF);
+    return k == -1 ? 0 : k;
+}
 
 /* Rows [0, rows) of x (rows x m, contiguous); row r belongs to channel
    (first_row + r) % channels. Writes maxv[r], sum[r], sumsq[r]; adds the row's bin counts
    to counts[channel * BINS + bin] (int64, channels x BINS). The max is taken on order
-   keys (integer max vectorises; the float compare does not without fast-math) and is NaN
-   when the row holds a NaN. */
+   keys (integer max vectorises; the float compare does not without fast-math):
+   where[r] is its first position (the first NaN if any), maxv[r] the element there, as
+   torch's max(dim) returns them. m < 2**31. */
 void convscope_reduce_rows(const float *x, int64_t rows, int64_t m, int64_t channels,
-                           int64_t first_row, float *maxv, double *sum, double *sumsq,
-                           int64_t *counts) {
+                           int64_t first_row, float *maxv, int64_t *where, double *sum,
+                           double *sumsq, int64_t *counts) {
     uint8_t bins[BLOCK];
     uint32_t hist[SUB][32];
     int64_t channel = first_row % channels;
     for (int64_t r = 0; r < rows; r++) {
         const float *p = x + r * m;
         const int32_t *bits = (const int32_t *)p;
-        vi16 mk;
+        vi16 mk, at, lane;
         vd8 s0, s1, q0, q1;
-        for (int j = 0; j < LANES; j++) mk[j] = INT32_MIN;
+        for (int j = 0; j < LANES; j++) { mk[j] = INT32_MIN; at[j] = 0; lane[j] = j; }
         for (int j = 0; j < 8; j++) { s0[j] = 0.0; s1[j] = 0.0; q0[j] = 0.0; q1[j] = 0.0; }
         memset(hist, 0, sizeof(hist));
         for (int64_t i0 = 0; i0 < m; i0 += BLOCK) {
@@ -135,8 +141,12 @@ void convscope_reduce_rows(const float *x, int64_t rows, int64_t m, int64_t chan
                 vu8 small = __builtin_convertvector(bin, vu8);
                 memcpy(bins + i, &small, sizeof small);
                 k ^= (k >> 31) & 0x7FFFFFFF; /* order_key, lane by lane */
-                vi16 more = k > mk;
+                k -= k == -1;
+                k = (INT32_MAX & nan) | (k & ~nan);
+                vi16 more = k > mk; /* strict: a lane keeps its first position */
                 mk = (k & more) | (mk & ~more);
+                vi16 position = lane + (int32_t)(i0 + i);
+                at = (position & more) | (at & ~more);
                 vd8 d0 = __builtin_convertvector(a0, vd8);
                 vd8 d1 = __builtin_convertvector(a1, vd8);
                 s0 += d0;
@@ -148,7 +158,7 @@ void convscope_reduce_rows(const float *x, int64_t rows, int64_t m, int64_t chan
                 int j = (int)(i % LANES);
                 int32_t k = order_key(vb[i]);
                 double d = (double)v[i];
-                mk[j] = k > mk[j] ? k : mk[j];
+                if (k > mk[j]) { mk[j] = k; at[j] = (int32_t)(i0 + i); }
                 if (j < 8) { s0[j] += d; q0[j] += d * d; }
                 else { s1[j - 8] += d; q1[j - 8] += d * d; }
             }
@@ -158,14 +168,15 @@ void convscope_reduce_rows(const float *x, int64_t rows, int64_t m, int64_t chan
         }
         /* Fixed pairwise combination of the lanes: lane j + w into lane j. */
         double s[LANES], q[LANES];
-        int32_t mx[LANES];
         for (int j = 0; j < 8; j++) {
             s[j] = s0[j]; s[j + 8] = s1[j]; q[j] = q0[j]; q[j + 8] = q1[j];
         }
-        for (int j = 0; j < LANES; j++) mx[j] = mk[j];
+        int32_t best = mk[0], first = at[0]; /* the max; ties: the lowest position */
+        for (int j = 1; j < LANES; j++) {
+            if (mk[j] > best || (mk[j] == best && at[j] < first)) { best = mk[j]; first = at[j]; }
+        }
         for (int w = LANES / 2; w >= 1; w /= 2) {
             for (int j = 0; j < w; j++) {
-                mx[j] = mx[j + w] > mx[j] ? mx[j + w] : mx[j];
                 s[j] += s[j + w];
                 q[j] += q[j + w];
             }
@@ -175,12 +186,8 @@ void convscope_reduce_rows(const float *x, int64_t rows, int64_t m, int64_t chan
         int64_t *out = counts + channel * BINS;
         for (int b = 0; b < BINS; b++) out[b] += hist[0][b];
         channel = channel + 1 == channels ? 0 : channel + 1;
-        if (hist[0][28]) {
-            maxv[r] = NAN;
-        } else {
-            int32_t b = order_key(mx[0]);
-            memcpy(&maxv[r], &b, sizeof b);
-        }
+        maxv[r] = p[first];
+        where[r] = first;
         sum[r] = s[0];
         sumsq[r] = q[0];
     }
@@ -205,15 +212,17 @@ class Kernel:
         self._lib = ctypes.CDLL(str(path))
         fn = self._lib.convscope_reduce_rows
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        fn.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr]
+        fn.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
         fn.restype = None
         self._fn = fn
 
     def reduce_rows(self, x: int, rows: int, m: int, channels: int, first_row: int,
-                    maxv: int, total: int, sumsq: int, counts: int) -> None:
-        """Reduce ``rows`` rows of ``m`` float32 at address ``x`` (pointers as ints from
-        ``tensor.data_ptr()``; the caller keeps the tensors alive and contiguous)."""
-        self._fn(x, rows, m, channels, first_row, maxv, total, sumsq, counts)
+                    maxv: int, where: int, total: int, sumsq: int, counts: int) -> None:
+        """Reduce ``rows`` rows of ``m`` (< 2**31) float32 at address ``x`` (pointers as
+        ints from ``tensor.data_ptr()``; the caller keeps the tensors alive and
+        contiguous): ``maxv`` float32, ``where`` int64, ``total`` and ``sumsq`` float64
+        per row, ``counts`` int64 (channels, :data:`BINS`), added to."""
+        self._fn(x, rows, m, channels, first_row, maxv, where, total, sumsq, counts)
 
 
 def cache_dir() -> Path:

@@ -256,9 +256,10 @@ class ChannelStats:
             rows = rows.float().contiguous()
         native = self.native if native is None else native
         kernel = _native.kernel() if (
-            native and self._pow2 and rows.device.type == "cpu") else None
+            native and self._pow2 and rows.device.type == "cpu" and h * w < 2**31) else None
+        where: torch.Tensor | None = None
         if kernel is not None:
-            values, total, squares = self._native_rows(kernel, rows, n, pool)
+            values, where, total, squares = self._native_rows(kernel, rows, n, pool)
             self.sum += total.sum(0)
             self.sumsq += squares.sum(0)
             total = total.float()  # for the "mean" ranking
@@ -273,33 +274,40 @@ class ChannelStats:
                   for name in self.rankings}
         picks = {name: _pick_top(self.top[name], scores[name].T, idx.T)
                  for name in self.rankings}
-        location = self._locate(rows, values, picks, c, w)
+        if where is not None:  # the kernel found every row's max position on the way
+            location = torch.stack([where // w, where % w], -1).to(torch.int32)
+        else:
+            location = self._locate(rows, values, picks, c, w)
         for name in self.rankings:
             _apply_top(self.top[name], scores[name].T, idx.T, location.transpose(0, 1),
                        picks[name])
 
     def _native_rows(self, native: _native.Kernel, rows: torch.Tensor, n: int,
                      pool: ThreadPoolExecutor | None) -> tuple[torch.Tensor, ...]:
-        """Every row's max (float32), sum and sum of squares (float64) as (N, C) tensors,
-        with the histogram and NaN counts added to the state: one read of every value by
-        the C kernel (:mod:`convscope.atlas._native`). With ``pool``, contiguous blocks of
+        """Every row's max (float32: the element ``max(dim=1)`` returns), its first
+        position (int64), sum and sum of squares (float64) as (N, C) tensors, with the
+        histogram and NaN counts added to the state: one read of every value by the C
+        kernel (:mod:`convscope.atlas._native`). With ``pool``, contiguous blocks of
         rows go to the threads (ctypes releases the GIL), each with its own counts, added
         afterwards (integers: the same result; each row is reduced whole by one thread)."""
         r, m = rows.shape
         c = self.channels
         values = torch.empty(n, c, dtype=torch.float32)
+        where = torch.empty(n, c, dtype=torch.int64)
         total = torch.empty(n, c, dtype=torch.float64)
         squares = torch.empty(n, c, dtype=torch.float64)
         threads = max(2, torch.get_num_threads()) if pool is not None else 1
         threads = min(threads, r) if rows.numel() >= 4 * CHUNK else 1
         counts = torch.zeros(threads, c, _native.BINS, dtype=torch.int64)
         bounds = [r * i // threads for i in range(threads + 1)]
-        x, out = rows.data_ptr(), (values.data_ptr(), total.data_ptr(), squares.data_ptr())
+        x = rows.data_ptr()
+        out = (values.data_ptr(), where.data_ptr(), total.data_ptr(), squares.data_ptr())
 
         def run(part: int) -> None:
             r0, r1 = bounds[part], bounds[part + 1]
             native.reduce_rows(x + r0 * m * 4, r1 - r0, m, c, r0, out[0] + r0 * 4,
-                               out[1] + r0 * 8, out[2] + r0 * 8, counts[part].data_ptr())
+                               out[1] + r0 * 8, out[2] + r0 * 8, out[3] + r0 * 8,
+                               counts[part].data_ptr())
 
         if threads > 1 and pool is not None:
             list(pool.map(run, range(threads)))
@@ -308,7 +316,7 @@ class ChannelStats:
         counts = counts.sum(0)
         self.hist += counts[:, :-1]
         self.nan += counts[:, -1]
-        return values, total, squares
+        return values, where, total, squares
 
     def _torch_rows(self, rows: torch.Tensor, n: int, compiled: bool,
                     pool: ThreadPoolExecutor | None, fused: bool
