@@ -4,8 +4,11 @@ Every row reads the same JPEG files through the same DataLoader settings (decodi
 resize and centre crop in worker processes), so the ratios include image decoding. Both
 reductions are measured in the same run: eager (plain tensor ops) and compiled
 (``torch.compile``), with the goals of issue 8 for every conv layer: eager >= 0.6x and
-compiled >= 0.8x of plain inference. One more row shares the eager reduction's tiles
-among 2 Python threads (``build(..., reduction_threads=2)``; the default is 1), to show what they
+compiled >= 0.8x of plain inference. On CPU both modes reduce the rows with the same C
+kernel (``convscope.atlas._native``; the run's ``settings.kernel``), so they differ only by
+noise; one row runs the torch reduction of before (the kernel disabled, as without a C
+compiler) for comparison in the same run. One more row shares the kernel's rows among 2
+Python threads (``build(..., reduction_threads=2)``; the default is 1), to show what they
 add on the machine at hand.
 
 ``--quick``: 16 images; ``--tiny``: 8 images in batches of 4, one round, no CLI runs (only
@@ -66,17 +69,26 @@ def _plain(loaded, paths: list[str], batch: int = BATCH) -> float:
 
 
 def _atlas(loaded, paths: list[str], layers: list[str], fused: str, batch: int = BATCH,
-           threads: int = 1) -> tuple[float, float]:
-    """(end-to-end seconds, seconds of the streaming pass alone) of build(); ``threads``:
-    Python threads sharing the eager reduction's tiles (1, the default: none)."""
-    from convscope.atlas import build
+           threads: int = 1, kernel: bool = True) -> tuple[float, float, str]:
+    """(end-to-end seconds, seconds of the streaming pass alone, the row kernel used) of
+    build(); ``threads``: Python threads sharing the eager reduction (1, the default:
+    none); ``kernel=False``: the torch reduction, as where no C compiler is found."""
+    from convscope.atlas import _native, build
 
     marks: list[float] = []
-    start = time.perf_counter()
-    build(loaded, paths, layers, topk=min(9, len(paths)), batch_size=batch,
-          workers=WORKERS, fused=fused, reduction_threads=threads,
-          progress=lambda done, total, elapsed: marks.append(elapsed))
-    return time.perf_counter() - start, marks[-1]
+    saved = dict(_native._loaded)
+    if not kernel:  # what a process without a C compiler has cached (benchmark only)
+        _native._loaded["kernel"] = None
+    try:
+        start = time.perf_counter()
+        atlas = build(loaded, paths, layers, topk=min(9, len(paths)), batch_size=batch,
+                      workers=WORKERS, fused=fused, reduction_threads=threads,
+                      progress=lambda done, total, elapsed: marks.append(elapsed))
+        elapsed = time.perf_counter() - start
+    finally:
+        _native._loaded.clear()
+        _native._loaded.update(saved)
+    return elapsed, marks[-1], atlas.meta["settings"].get("kernel", "torch")
 
 
 def _cli_run(folder: Path, out: Path, layers: list[str], procs: int) -> tuple[float, str]:
@@ -122,27 +134,30 @@ def run(quick: bool, tiny: bool = False) -> str:
         paths = sorted(str(p) for p in folder.iterdir())
         _plain(loaded, paths[:batch], batch)  # warm-up
         rows = []
-        runs = [(f"{len(blocks)} block outputs", blocks, fused, 1)
+        runs = [(f"{len(blocks)} block outputs", blocks, fused, 1, True)
                 for fused in ("eager", "compile")]
-        runs += [(f"all {len(convs)} conv layers", convs, fused, 1)
+        runs += [(f"all {len(convs)} conv layers", convs, fused, 1, True)
                  for fused in ("eager", "compile")]
-        # The eager reduction's tiles shared by 2 Python threads (reduction_threads=2):
-        # what they add on this machine (they need an idle core).
-        runs.append((f"all {len(convs)} conv layers", convs, "eager", 2))
-        for label, layers, fused, threads in runs:
-            if fused == "compile":  # compile outside timing
-                _atlas(loaded, paths[:batch * 2], layers, fused, batch)
+        # The torch reduction of before (no C kernel), and the kernel's rows shared by 2
+        # Python threads (reduction_threads=2): what they add on this machine (they need
+        # an idle core).
+        runs.append((f"all {len(convs)} conv layers", convs, "eager", 1, False))
+        runs.append((f"all {len(convs)} conv layers", convs, "eager", 2, True))
+        for label, layers, fused, threads, kernel in runs:
+            # compile (when the run compiles) and build the C kernel outside timing
+            _atlas(loaded, paths[:batch * 2], layers, fused, batch, threads, kernel)
             # Alternate baseline and atlas runs and keep each one's fastest: the load
             # of this shared machine drifts over seconds.
             plains, totals, passes = [], [], []
             for _ in range(repeats):
                 plains.append(_plain(loaded, paths, batch))
-                total, pass_only = _atlas(loaded, paths, layers, fused, batch, threads)
+                total, pass_only, used = _atlas(loaded, paths, layers, fused, batch, threads,
+                                                kernel)
                 totals.append(total)
                 passes.append(pass_only)
             suffix = f", {threads} reduction threads" if threads > 1 else ""
-            rows.append((f"{label}, {fused}{suffix}", len(layers), min(plains), min(totals),
-                         min(passes)))
+            rows.append((f"{label}, {fused}{suffix}, {used} kernel", len(layers),
+                         min(plains), min(totals), min(passes)))
         lines.append(
             f"{count} JPEG files (400x300, decoded + resized + centre-cropped to 224 in "
             f"{WORKERS} DataLoader worker), batch {batch}, top-9 + all statistics, CPU. "
@@ -162,7 +177,7 @@ def run(quick: bool, tiny: bool = False) -> str:
         lines.append("")
         for fused, goal in GOALS.items():
             _, _, plain, total, pass_only = next(row for row in rows if row[0].startswith(
-                "all ") and row[0].endswith(fused))
+                "all ") and f", {fused}, " in row[0] and "threads" not in row[0])
             lines.append(f"Every conv layer, {fused}: {plain / pass_only:.2f}x of plain "
                          f"inference (pass only; {plain / total:.2f}x end to end), goal "
                          f">= {goal}x: {'met' if plain / pass_only >= goal else 'missed'}.")
