@@ -112,6 +112,7 @@ void convscope_reduce_rows(const float *x, int64_t rows, int64_t m, int64_t chan
     uint8_t bins[BLOCK];
     uint32_t hist[SUB][32];
     int64_t channel = first_row % channels;
+    int sub = m >= 256 ? 8 : 4; /* sub histograms in use (zeroed and folded per row) */
     for (int64_t r = 0; r < rows; r++) {
         const float *p = x + r * m;
         const int32_t *bits = (const int32_t *)p;
@@ -119,7 +120,7 @@ void convscope_reduce_rows(const float *x, int64_t rows, int64_t m, int64_t chan
         vd8 s0, s1, q0, q1;
         for (int j = 0; j < LANES; j++) { mk[j] = INT32_MIN; at[j] = 0; lane[j] = j; }
         for (int j = 0; j < 8; j++) { s0[j] = 0.0; s1[j] = 0.0; q0[j] = 0.0; q1[j] = 0.0; }
-        memset(hist, 0, sizeof(hist));
+        memset(hist, 0, sizeof(hist[0]) * sub);
         for (int64_t i0 = 0; i0 < m; i0 += BLOCK) {
             int64_t len = m - i0 < BLOCK ? m - i0 : BLOCK;
             const float *v = p + i0;
@@ -163,25 +164,27 @@ void convscope_reduce_rows(const float *x, int64_t rows, int64_t m, int64_t chan
                 else { s1[j - 8] += d; q1[j - 8] += d * d; }
             }
             for (int64_t i = full; i < len; i++) bins[i] = (uint8_t)bin_of((uint32_t)vb[i]);
-            if (m >= 256) count_bins(hist, bins, len, 8);
+            if (sub == 8) count_bins(hist, bins, len, 8);
             else count_bins(hist, bins, len, 4);
         }
-        /* Fixed pairwise combination of the lanes: lane j + w into lane j. */
-        double s[LANES], q[LANES];
-        for (int j = 0; j < 8; j++) {
-            s[j] = s0[j]; s[j + 8] = s1[j]; q[j] = q0[j]; q[j + 8] = q1[j];
-        }
-        int32_t best = mk[0], first = at[0]; /* the max; ties: the lowest position */
-        for (int j = 1; j < LANES; j++) {
-            if (mk[j] > best || (mk[j] == best && at[j] < first)) { best = mk[j]; first = at[j]; }
-        }
-        for (int w = LANES / 2; w >= 1; w /= 2) {
+        /* Fixed pairwise combination of the lanes: lane j + w into lane j (w = 8 is the
+           vector addition of lanes 0-7 and 8-15). */
+        vd8 sv = s0 + s1, qv = q0 + q1;
+        double s[8], q[8];
+        for (int j = 0; j < 8; j++) { s[j] = sv[j]; q[j] = qv[j]; }
+        for (int w = 4; w >= 1; w /= 2) {
             for (int j = 0; j < w; j++) {
                 s[j] += s[j + w];
                 q[j] += q[j + w];
             }
         }
-        for (int t = 1; t < SUB; t++)
+        int32_t best = INT32_MIN, first = INT32_MAX; /* the max; ties: the lowest position */
+        for (int j = 0; j < LANES; j++) best = mk[j] > best ? mk[j] : best;
+        for (int j = 0; j < LANES; j++) {
+            int32_t here = mk[j] == best ? at[j] : INT32_MAX;
+            first = here < first ? here : first;
+        }
+        for (int t = 1; t < sub; t++)
             for (int b = 0; b < 32; b++) hist[0][b] += hist[t][b];
         int64_t *out = counts + channel * BINS;
         for (int b = 0; b < BINS; b++) out[b] += hist[0][b];
