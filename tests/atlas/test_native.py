@@ -138,31 +138,51 @@ def test_half_precision_activations_are_reduced_as_float32(dtype):
 
 
 def test_eager_and_compiled_use_the_same_kernel_bit_for_bit(monkeypatch):
-    """On CPU with the default edges ``compiled`` changes nothing: the same kernel reduces
-    every row (the torch kernels are never called), so every state tensor is identical."""
+    """On CPU with the default edges ``compiled`` changes only how many threads run the
+    same kernel (blocks of whole rows, counts per thread): every state tensor is identical,
+    the torch kernels are never called, and the threads really ran (layers of at least
+    4 x CHUNK values)."""
     from convscope.atlas import stats as stats_module
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the torch reduction ran")
 
     monkeypatch.setattr(stats_module.ChannelStats, "_torch_rows", forbidden)
+    threaded: list[int] = []
+    many = _native.Kernel.reduce_rows_threads
+
+    def recording(self, *args):
+        threaded.append(args[-1])
+        return many(self, *args)
+
+    monkeypatch.setattr(_native.Kernel, "reduce_rows_threads", recording)
     torch.manual_seed(3)
-    x = torch.randn(6, 5, 9, 11) * 20
+    x = torch.randn(10, 7, 61, 67) * 20  # 143045 values per batch: threads; odd rows
     x[1, 2, 3, 4] = float("nan")
     x[2, 0] = -0.0
     x[4, 1, 0, 0] = float("inf")
+    x[5, 6, 60, 66] = -float("inf")
     states = []
-    for compiled in (False, True):
-        stats = ChannelStats(5, 3, rankings=("max", "mean"))
-        stats.update(x[:3], torch.arange(3), compiled=compiled)
-        stats.update(x[3:], torch.arange(3, 6), compiled=compiled)
-        states.append(stats.state_dict())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # an odd count: uneven blocks of rows
+    try:
+        for compiled in (False, True):
+            stats = ChannelStats(7, 3, rankings=("max", "mean"))
+            stats.update(x[:5], torch.arange(5), compiled=compiled)
+            stats.update(x[5:], torch.arange(5, 10), compiled=compiled)
+            states.append(stats.state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    assert threaded == [3, 3]  # the compiled runs, both batches
     for key in ("sum", "sumsq", "max", "hist", "nan"):
         assert torch.equal(states[0][key].nan_to_num(), states[1][key].nan_to_num()), key
         assert torch.equal(states[0][key].isnan(), states[1][key].isnan()), key
     for name in ("max", "mean"):
         for key, value in states[0]["top"][name].items():
             assert torch.equal(states[1]["top"][name][key], value), (name, key)
+    want = _numpy_expected(x.transpose(0, 1).reshape(7, -1).numpy(), 7)
+    np.testing.assert_array_equal(states[1]["hist"].numpy(), want[3][:, :-1])
+    np.testing.assert_array_equal(states[1]["nan"].numpy(), want[3][:, -1])
 
 
 def test_native_and_torch_agree_within_rounding():

@@ -48,6 +48,7 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#include <pthread.h>
 
 #define LANES 16
 #define BINS 29
@@ -195,12 +196,55 @@ void convscope_reduce_rows(const float *x, int64_t rows, int64_t m, int64_t chan
         sumsq[r] = q[0];
     }
 }
+
+/* convscope_reduce_rows on `threads` POSIX threads (no OpenMP: a second OpenMP runtime
+   next to torch's slows every forward pass): thread t reduces the t-th contiguous block
+   of rows (rows * t / threads onwards) into its own counts (counts + t * channels * BINS),
+   so every number is the same as on one thread. A thread that cannot be started has its
+   block run on the calling thread. Returns 0. */
+struct job {
+    const float *x; int64_t rows, m, channels, first_row;
+    float *maxv; int64_t *where; double *sum, *sumsq; int64_t *counts;
+};
+
+static void *run_job(void *arg) {
+    struct job *j = (struct job *)arg;
+    convscope_reduce_rows(j->x, j->rows, j->m, j->channels, j->first_row, j->maxv,
+                          j->where, j->sum, j->sumsq, j->counts);
+    return NULL;
+}
+
+int convscope_reduce_rows_threads(const float *x, int64_t rows, int64_t m,
+                                  int64_t channels, int64_t first_row, float *maxv,
+                                  int64_t *where, double *sum, double *sumsq,
+                                  int64_t *counts, int threads) {
+    enum { MAX_THREADS = 64 };
+    struct job jobs[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads < 1) threads = 1;
+    for (int t = 0; t < threads; t++) {
+        int64_t r0 = rows * t / threads, r1 = rows * (t + 1) / threads;
+        struct job j = {x + r0 * m, r1 - r0, m, channels, first_row + r0, maxv + r0,
+                        where + r0, sum + r0, sumsq + r0, counts + t * channels * BINS};
+        jobs[t] = j;
+    }
+    int started = 0;
+    for (int t = 1; t < threads; t++) {
+        if (pthread_create(&ids[t], NULL, run_job, &jobs[t]) != 0) break;
+        started = t;
+    }
+    run_job(&jobs[0]);
+    for (int t = 1; t <= started; t++) pthread_join(ids[t], NULL);
+    for (int t = started + 1; t < threads; t++) run_job(&jobs[t]); /* not started: here */
+    return 0;
+}
 """
 
 #: Compiler flags: optimised and vectorised for this CPU, IEEE semantics kept (no
 #: fast-math; no contraction into fused multiply-adds, so the bits follow the source).
-FLAGS = ("-O3", "-std=gnu99", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off",
-         "-fno-strict-aliasing")
+FLAGS = ("-O3", "-std=gnu99", "-fPIC", "-shared", "-pthread", "-fno-math-errno",
+         "-ffp-contract=off", "-fno-strict-aliasing")
 #: Tuning for this CPU, tried in order until the compiler accepts one (512-bit vectors
 #: where the CPU has them: measured 1.4x faster than 256-bit for the float64 sums).
 ARCHES: tuple[tuple[str, ...], ...] = (("-march=native", "-mprefer-vector-width=512"),
@@ -218,6 +262,10 @@ class Kernel:
         fn.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
         fn.restype = None
         self._fn = fn
+        many = self._lib.convscope_reduce_rows_threads
+        many.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+        many.restype = ctypes.c_int
+        self._many = many
 
     def reduce_rows(self, x: int, rows: int, m: int, channels: int, first_row: int,
                     maxv: int, where: int, total: int, sumsq: int, counts: int) -> None:
@@ -226,6 +274,15 @@ class Kernel:
         contiguous): ``maxv`` float32, ``where`` int64, ``total`` and ``sumsq`` float64
         per row, ``counts`` int64 (channels, :data:`BINS`), added to."""
         self._fn(x, rows, m, channels, first_row, maxv, where, total, sumsq, counts)
+
+    def reduce_rows_threads(self, x: int, rows: int, m: int, channels: int,
+                            first_row: int, maxv: int, where: int, total: int, sumsq: int,
+                            counts: int, threads: int) -> None:
+        """:meth:`reduce_rows` on ``threads`` POSIX threads started in C (blocks of rows);
+        ``counts``: ``threads`` consecutive (channels, :data:`BINS`) arrays, one per
+        thread, for the caller to add."""
+        self._many(x, rows, m, channels, first_row, maxv, where, total, sumsq, counts,
+                   threads)
 
 
 def cache_dir() -> Path:

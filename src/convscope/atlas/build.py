@@ -93,8 +93,9 @@ def build(
     batches to repay the compile time; the choice is made once per run, by all ranks
     together, and both give identical statistics. On CPU with the default ``edges`` both
     modes reduce the rows with the same C kernel (one read of every value; built at first
-    use with the system C compiler, torch ops without one), so nothing is compiled there;
-    the run records that kernel and a resume keeps it. With ``out`` and
+    use with the system C compiler, torch ops without one), so nothing is compiled there
+    (``"compile"`` runs the kernel on ``torch.get_num_threads()`` threads, ``"eager"`` on
+    ``reduction_threads``); the run records that kernel and a resume keeps it. With ``out`` and
     ``resume=True`` an interrupted run continues from its last checkpoint (written every
     ``checkpoint_every`` seconds) and ends with the same result. Under ``torchrun``
     (``torch.distributed`` initialised) every rank processes a disjoint shard and all ranks

@@ -231,7 +231,8 @@ class ChannelStats:
         ``native`` (default: the ``native`` attribute, True unless set; on CPU with the
         default edges): every row's max, sum, sum of squares
         and histogram counts come from one read by the C kernel of
-        :mod:`convscope.atlas._native` (float64 row sums), whatever ``compiled``; without a C
+        :mod:`convscope.atlas._native` (float64 row sums), in both modes (``compiled``:
+        on ``torch.get_num_threads()`` threads, same result); without a C
         compiler, or with ``native=False``, from torch ops. ``compiled`` makes the torch
         histogram's exponent codes (or bin ids) with ``torch.compile``-d kernels (same
         result). ``pool``: threads that share the rows (native) or the eager tiles'
@@ -259,7 +260,7 @@ class ChannelStats:
             native and self._pow2 and rows.device.type == "cpu" and h * w < 2**31) else None
         where: torch.Tensor | None = None
         if kernel is not None:
-            values, where, total, squares = self._native_rows(kernel, rows, n, pool)
+            values, where, total, squares = self._native_rows(kernel, rows, n, pool, compiled)
             self.sum += total.sum(0)
             self.sumsq += squares.sum(0)
             total = total.float()  # for the "mean" ranking
@@ -283,20 +284,28 @@ class ChannelStats:
                        picks[name])
 
     def _native_rows(self, native: _native.Kernel, rows: torch.Tensor, n: int,
-                     pool: ThreadPoolExecutor | None) -> tuple[torch.Tensor, ...]:
+                     pool: ThreadPoolExecutor | None, compiled: bool = False
+                     ) -> tuple[torch.Tensor, ...]:
         """Every row's max (float32: the element ``max(dim=1)`` returns), its first
         position (int64), sum and sum of squares (float64) as (N, C) tensors, with the
         histogram and NaN counts added to the state: one read of every value by the C
         kernel (:mod:`convscope.atlas._native`). With ``pool``, contiguous blocks of
         rows go to the threads (ctypes releases the GIL), each with its own counts, added
-        afterwards (integers: the same result; each row is reduced whole by one thread)."""
+        afterwards (integers: the same result; each row is reduced whole by one thread);
+        ``compiled`` (the mode that used every OpenMP thread before the kernel) does the
+        same with ``torch.get_num_threads()`` POSIX threads started by the kernel itself.
+        Layers under ``4 * CHUNK`` values run on one thread (starting threads would cost
+        more)."""
         r, m = rows.shape
         c = self.channels
         values = torch.empty(n, c, dtype=torch.float32)
         where = torch.empty(n, c, dtype=torch.int64)
         total = torch.empty(n, c, dtype=torch.float64)
         squares = torch.empty(n, c, dtype=torch.float64)
-        threads = max(2, torch.get_num_threads()) if pool is not None else 1
+        if pool is not None:
+            threads = max(2, torch.get_num_threads())
+        else:
+            threads = torch.get_num_threads() if compiled else 1
         threads = min(threads, r) if rows.numel() >= 4 * CHUNK else 1
         counts = torch.zeros(threads, c, _native.BINS, dtype=torch.int64)
         bounds = [r * i // threads for i in range(threads + 1)]
@@ -311,6 +320,8 @@ class ChannelStats:
 
         if threads > 1 and pool is not None:
             list(pool.map(run, range(threads)))
+        elif threads > 1:
+            native.reduce_rows_threads(x, r, m, c, 0, *out, counts.data_ptr(), threads)
         else:
             run(0)
         counts = counts.sum(0)
