@@ -257,7 +257,7 @@ class ChannelStats:
             rows = rows.float().contiguous()
         native = self.native if native is None else native
         kernel = _native.kernel() if (
-            native and self._pow2 and rows.device.type == "cpu" and h * w < 2**31) else None
+            native and self._pow2 and rows.device.type == "cpu" and 0 < h * w < 2**31) else None
         where: torch.Tensor | None = None
         if kernel is not None:
             values, where, total, squares = self._native_rows(kernel, rows, n, pool, compiled)
