@@ -60,11 +60,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
                    help="seconds between checkpoints (60)")
     p.add_argument("--fused", choices=["auto", "compile", "eager"], default="auto",
-                   help="reduction kernels: torch.compile'd, eager, or auto (eager on CPU, "
-                        "which keeps its speed next to other work on the machine; compiled "
-                        "for runs of 10+ batches on CUDA); "
-                        "chosen once per run by all processes; both give identical "
-                        "statistics")
+                   help="reductions: on CPU both modes use the atlas's C kernel (built at "
+                        "first use with the system C compiler; compile runs it on every "
+                        "torch thread, eager on one); without a compiler, and on CUDA, "
+                        "torch.compile'd or eager torch ops; auto: eager on CPU, compiled "
+                        "for runs of 10+ batches on CUDA. Chosen once per run by all "
+                        "processes; both modes give identical statistics")
     p.add_argument("--crop-size", type=int, default=64, help="pixels per crop tile (64)")
     p.add_argument("--no-crops", action="store_true", help="skip writing crops/")
     g = p.add_argument_group(
