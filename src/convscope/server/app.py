@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Annotated, Any, Literal
 
-from .fast import FastPath, hot_routes
+from .fast import FastPath, RequestPool, hot_routes
 from .guard import CLIENT_KEY, Guard
 from .jobs import QueueFullError
 from .settings import Settings
@@ -82,6 +82,8 @@ def create_app(settings: Settings | None = None) -> Any:
 
     settings = settings or Settings()
     state = ServerState(settings)
+    # The fast path's threads (FastAPI's own routes keep AnyIO's pool, of the same size).
+    pool = RequestPool(settings.worker_threads or 40)
 
     @asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
@@ -93,6 +95,7 @@ def create_app(settings: Settings | None = None) -> Any:
         try:
             yield
         finally:
+            pool.close()
             state.jobs.close()
             state.models.close()
 
@@ -401,7 +404,7 @@ def create_app(settings: Settings | None = None) -> Any:
     # Guard -> fast path -> FastAPI (the last middleware added is the outermost): every
     # request is checked first; the hot GETs skip FastAPI's routing and validation.
     if settings.fast_path:
-        app.add_middleware(FastPath, routes=hot_routes(app.routes))
+        app.add_middleware(FastPath, routes=hot_routes(app.routes), pool=pool)
     app.add_middleware(Guard, hosts=settings.hosts(), token=settings.token)
     return app
 

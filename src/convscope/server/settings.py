@@ -69,6 +69,7 @@ class Settings:
     #: around them holds it, so many more threads than cores mostly add contention (in
     #: benchmarks/bench_server.py, 2 cores and 16 clients, 4 threads served more switches
     #: per second than 40). Torch work stays on the model's thread (see ``state.py``).
+    #: The fast path (``fast_path``) has its own pool of this many threads.
     worker_threads: int | None = field(
         default_factory=lambda: min(32, max(4, 2 * (os.cpu_count() or 1))))
     #: Answer the GETs of a layer or channel switch (grid, channel and filter views)
