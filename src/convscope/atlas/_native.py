@@ -239,6 +239,52 @@ int convscope_reduce_rows_threads(const float *x, int64_t rows, int64_t m,
     for (int t = started + 1; t < threads; t++) run_job(&jobs[t]); /* not started: here */
     return 0;
 }
+
+/* Candidate (value s, image id) ranks before the list entry (v, i): value descending
+   (IEEE compare: -0.0 == +0.0), then image index ascending; an equal pair keeps the
+   entry first (the stable sorts of stats._pick_top: the list before the candidates,
+   candidates in their order). */
+static inline int ranks_before(float s, int64_t id, float v, int64_t i) {
+    return s > v || (s == v && id < i);
+}
+
+/* Insert a batch's rows into the top-k lists of every channel, exactly as
+   stats._pick_top/_apply_top merge them. Rows are (n, channels) row-major: maxv (float32,
+   the row max element), total (float64 row sum), where (int64 position of the max); index
+   (n,) the images' dataset indices. Score: mean == 0: maxv; else (float)total / (float)
+   positions, in float32 (torch's total.float() / (h * w)); NaN -> -inf (stats._nan_last).
+   Lists (channels, k), each sorted in that order: value float32, index int64, location
+   int32 (channels, k, 2) = (where / w, where % w). Channel by channel, images in batch
+   order: an insertion keeps the list sorted, the last entry falls off. */
+void convscope_top_insert(const float *maxv, const double *total, const int64_t *where,
+                          const int64_t *index, int64_t n, int64_t channels, int64_t w,
+                          int64_t positions, int mean, int64_t k, float *value,
+                          int64_t *ids, int32_t *location) {
+    if (k < 1) return;
+    const float divisor = (float)positions;
+    for (int64_t ch = 0; ch < channels; ch++) {
+        float *v = value + ch * k;
+        int64_t *i = ids + ch * k;
+        int32_t *l = location + ch * k * 2;
+        for (int64_t r = 0; r < n; r++) {
+            int64_t row = r * channels + ch;
+            float s = mean ? (float)total[row] / divisor : maxv[row];
+            if (s != s) s = -INFINITY;
+            int64_t id = index[r];
+            if (!ranks_before(s, id, v[k - 1], i[k - 1])) continue; /* most rows */
+            int64_t p = k - 1;
+            while (p > 0 && ranks_before(s, id, v[p - 1], i[p - 1])) p--;
+            int64_t tail = k - 1 - p;
+            memmove(v + p + 1, v + p, (size_t)tail * sizeof *v);
+            memmove(i + p + 1, i + p, (size_t)tail * sizeof *i);
+            memmove(l + 2 * (p + 1), l + 2 * p, (size_t)tail * 2 * sizeof *l);
+            v[p] = s;
+            i[p] = id;
+            l[2 * p] = (int32_t)(where[row] / w);
+            l[2 * p + 1] = (int32_t)(where[row] % w);
+        }
+    }
+}
 """
 
 #: Compiler flags: optimised and vectorised for this CPU, IEEE semantics kept (no
@@ -266,6 +312,11 @@ class Kernel:
         many.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
         many.restype = ctypes.c_int
         self._many = many
+        top = self._lib.convscope_top_insert
+        top.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, i64, ptr, ptr,
+                        ptr]
+        top.restype = None
+        self._top = top
 
     def reduce_rows(self, x: int, rows: int, m: int, channels: int, first_row: int,
                     maxv: int, where: int, total: int, sumsq: int, counts: int) -> None:
@@ -283,6 +334,20 @@ class Kernel:
         thread, for the caller to add."""
         self._many(x, rows, m, channels, first_row, maxv, where, total, sumsq, counts,
                    threads)
+
+    def top_insert(self, maxv: int, total: int, where: int, index: int, n: int,
+                   channels: int, w: int, positions: int, mean: bool, k: int, value: int,
+                   ids: int, location: int) -> None:
+        """Insert a batch's (n, channels) rows into the sorted (channels, k) top-k lists
+        in place (pointers as ints; contiguous tensors the caller keeps alive): the row
+        max ``maxv`` (float32) or, ``mean``, float32 ``total / positions`` (``total``
+        float64) ranked under the order of :func:`convscope.atlas.stats._pick_top` (value
+        descending, NaN as -inf, then image index ascending), with the dataset indices
+        ``index`` (int64 (n,)) and the max's (row, col) from ``where`` (int64) and the
+        map width ``w``. Lists: ``value`` float32, ``ids`` int64, ``location`` int32
+        (channels, k, 2)."""
+        self._top(maxv, total, where, index, n, channels, w, positions, int(mean), k,
+                  value, ids, location)
 
 
 def cache_dir() -> Path:

@@ -258,16 +258,18 @@ class ChannelStats:
         native = self.native if native is None else native
         kernel = _native.kernel() if (
             native and self._pow2 and rows.device.type == "cpu" and 0 < h * w < 2**31) else None
-        where: torch.Tensor | None = None
         if kernel is not None:
             values, where, total, squares = self._native_rows(kernel, rows, n, pool, compiled)
             self.sum += total.sum(0)
             self.sumsq += squares.sum(0)
-            total = total.float()  # for the "mean" ranking
-        else:
-            values, total, squares = self._torch_rows(rows, n, compiled, pool, h * w <= CHUNK)
-            self.sum += total.double().sum(0)
-            self.sumsq += squares.double().sum(0)
+            self.images += n
+            self.max = torch.maximum(self.max, values.amax(0))
+            # the kernel found every row's max position on the way; the lists in C too
+            self._native_top(kernel, values, where, total, indices, w)
+            return
+        values, total, squares = self._torch_rows(rows, n, compiled, pool, h * w <= CHUNK)
+        self.sum += total.double().sum(0)
+        self.sumsq += squares.double().sum(0)
         self.images += n
         self.max = torch.maximum(self.max, values.amax(0))
         idx = indices.to(self.device, torch.int64).view(n, 1).expand(n, c)
@@ -275,13 +277,30 @@ class ChannelStats:
                   for name in self.rankings}
         picks = {name: _pick_top(self.top[name], scores[name].T, idx.T)
                  for name in self.rankings}
-        if where is not None:  # the kernel found every row's max position on the way
-            location = torch.stack([where // w, where % w], -1).to(torch.int32)
-        else:
-            location = self._locate(rows, values, picks, c, w)
+        location = self._locate(rows, values, picks, c, w)
         for name in self.rankings:
             _apply_top(self.top[name], scores[name].T, idx.T, location.transpose(0, 1),
                        picks[name])
+
+    def _native_top(self, native: _native.Kernel, values: torch.Tensor, where: torch.Tensor,
+                    total: torch.Tensor, indices: torch.Tensor, w: int) -> None:
+        """Insert the rows (N, C) of :meth:`_native_rows` into every top-k list, in place,
+        by the C kernel: the same lists, bit for bit, as :func:`_pick_top` and
+        :func:`_apply_top` make (same scores, same total order; tested against them), in
+        one call per ranking instead of about 25 torch ops. The lists are (re)made
+        contiguous with their dtypes first (a loaded state may be neither)."""
+        n, c = values.shape
+        idx = indices.to("cpu", torch.int64).reshape(n).contiguous()
+        for name in self.rankings:
+            top = self.top[name]
+            for key, dtype in (("value", torch.float32), ("index", torch.int64),
+                               ("location", torch.int32)):
+                if top[key].dtype != dtype or not top[key].is_contiguous():
+                    top[key] = top[key].to(dtype).contiguous()
+            native.top_insert(values.data_ptr(), total.data_ptr(), where.data_ptr(),
+                              idx.data_ptr(), n, c, w, self.positions, name == "mean",
+                              self.k, top["value"].data_ptr(), top["index"].data_ptr(),
+                              top["location"].data_ptr())
 
     def _native_rows(self, native: _native.Kernel, rows: torch.Tensor, n: int,
                      pool: ThreadPoolExecutor | None, compiled: bool = False
@@ -579,7 +598,9 @@ class ChannelStats:
             "edges": self.edges.cpu(), "images": self.images, "spatial": list(self.spatial),
             "sum": self.sum.cpu(), "sumsq": self.sumsq.cpu(), "max": self.max.cpu(),
             "hist": self.hist.cpu(), "nan": self.nan.cpu(),
-            "top": {name: {k: v.cpu() for k, v in top.items()} for name, top in self.top.items()},
+            # copies: the C kernel updates the lists in place (a state is a snapshot)
+            "top": {name: {k: v.cpu().clone() for k, v in top.items()}
+                    for name, top in self.top.items()},
         }
 
     @classmethod
@@ -593,7 +614,8 @@ class ChannelStats:
         stats.positions = stats.spatial[0] * stats.spatial[1]
         for key in ("sum", "sumsq", "max", "hist", "nan"):
             setattr(stats, key, state[key].to(stats.device))
-        stats.top = {name: {k: v.to(stats.device) for k, v in top.items()}
+        # copies: the C kernel updates the lists in place, never the caller's state
+        stats.top = {name: {k: v.to(stats.device, copy=True) for k, v in top.items()}
                      for name, top in state["top"].items()}
         return stats
 
