@@ -178,6 +178,7 @@ def test_state_is_a_snapshot_and_a_loaded_state_resumes_exactly():
     before = {key: value.clone() for key, value in state["top"]["max"].items()}
     for top in state["top"].values():  # a loaded state need not be contiguous
         top["location"] = top["location"].transpose(0, 1).contiguous().transpose(0, 1)
+    state["hist"] = state["hist"].t().contiguous().t()
     resumed = ChannelStats.from_state_dict(state)
     for i, x in enumerate(xs[2:], 2):
         half.update(x, torch.arange(4 * i, 4 * i + 4))
@@ -186,3 +187,5 @@ def test_state_is_a_snapshot_and_a_loaded_state_resumes_exactly():
     for name in ("max", "mean"):
         assert _same(half.top[name], whole.top[name])
         assert _same(resumed.top[name], whole.top[name])
+    for key in ("sum", "sumsq", "max", "hist", "nan"):
+        assert torch.equal(getattr(resumed, key), getattr(whole, key)), key

@@ -240,6 +240,19 @@ int convscope_reduce_rows_threads(const float *x, int64_t rows, int64_t m,
     return 0;
 }
 
+/* Add `threads` consecutive (channels, BINS) count arrays into the state: the value bins
+   into hist (channels, BINS - 1), the NaN bin into nan (channels,); int64, contiguous. */
+void convscope_fold_counts(const int64_t *counts, int64_t threads, int64_t channels,
+                           int64_t *hist, int64_t *nan) {
+    for (int64_t t = 0; t < threads; t++) {
+        const int64_t *part = counts + t * channels * BINS;
+        for (int64_t ch = 0; ch < channels; ch++) {
+            for (int b = 0; b < BINS - 1; b++) hist[ch * (BINS - 1) + b] += part[ch * BINS + b];
+            nan[ch] += part[ch * BINS + BINS - 1];
+        }
+    }
+}
+
 /* Candidate (value s, image id) ranks before the list entry (v, i): value descending
    (IEEE compare: -0.0 == +0.0), then image index ascending; an equal pair keeps the
    entry first (the stable sorts of stats._pick_top: the list before the candidates,
@@ -317,6 +330,10 @@ class Kernel:
                         ptr]
         top.restype = None
         self._top = top
+        fold = self._lib.convscope_fold_counts
+        fold.argtypes = [ptr, i64, i64, ptr, ptr]
+        fold.restype = None
+        self._fold = fold
 
     def reduce_rows(self, x: int, rows: int, m: int, channels: int, first_row: int,
                     maxv: int, where: int, total: int, sumsq: int, counts: int) -> None:
@@ -334,6 +351,13 @@ class Kernel:
         thread, for the caller to add."""
         self._many(x, rows, m, channels, first_row, maxv, where, total, sumsq, counts,
                    threads)
+
+    def fold_counts(self, counts: int, threads: int, channels: int, hist: int, nan: int
+                    ) -> None:
+        """Add ``threads`` consecutive int64 (channels, :data:`BINS`) count arrays into
+        ``hist`` (channels, BINS - 1) and ``nan`` (channels,) (int64, contiguous): one
+        call instead of a sum and two strided additions in torch (about 50 us a layer)."""
+        self._fold(counts, threads, channels, hist, nan)
 
     def top_insert(self, maxv: int, total: int, where: int, index: int, n: int,
                    channels: int, w: int, positions: int, mean: bool, k: int, value: int,

@@ -343,9 +343,12 @@ class ChannelStats:
             native.reduce_rows_threads(x, r, m, c, 0, *out, counts.data_ptr(), threads)
         else:
             run(0)
-        counts = counts.sum(0)
-        self.hist += counts[:, :-1]
-        self.nan += counts[:, -1]
+        for key in ("hist", "nan"):  # written through pointers: a loaded state may
+            held = getattr(self, key)  # be neither contiguous nor int64
+            if held.dtype != torch.int64 or not held.is_contiguous():
+                setattr(self, key, held.to(torch.int64).contiguous())
+        native.fold_counts(counts.data_ptr(), threads, c, self.hist.data_ptr(),
+                           self.nan.data_ptr())
         return values, where, total, squares
 
     def _torch_rows(self, rows: torch.Tensor, n: int, compiled: bool,
@@ -596,10 +599,11 @@ class ChannelStats:
         return {
             "channels": self.channels, "k": self.k, "rankings": list(self.rankings),
             "edges": self.edges.cpu(), "images": self.images, "spatial": list(self.spatial),
-            "sum": self.sum.cpu(), "sumsq": self.sumsq.cpu(), "max": self.max.cpu(),
-            "hist": self.hist.cpu(), "nan": self.nan.cpu(),
-            # copies: the C kernel updates the lists in place (a state is a snapshot)
-            "top": {name: {k: v.cpu().clone() for k, v in top.items()}
+            # copies (a state is a snapshot): updates add into sum, sumsq, hist and nan
+            # and the C kernel writes the lists in place
+            **{key: getattr(self, key).to("cpu", copy=True)
+               for key in ("sum", "sumsq", "max", "hist", "nan")},
+            "top": {name: {k: v.to("cpu", copy=True) for k, v in top.items()}
                     for name, top in self.top.items()},
         }
 
@@ -612,9 +616,9 @@ class ChannelStats:
         stats.images = int(state["images"])
         stats.spatial = (int(state["spatial"][0]), int(state["spatial"][1]))
         stats.positions = stats.spatial[0] * stats.spatial[1]
+        # copies: updates write into these tensors in place, never into the caller's state
         for key in ("sum", "sumsq", "max", "hist", "nan"):
-            setattr(stats, key, state[key].to(stats.device))
-        # copies: the C kernel updates the lists in place, never the caller's state
+            setattr(stats, key, state[key].to(stats.device, copy=True))
         stats.top = {name: {k: v.to(stats.device, copy=True) for k, v in top.items()}
                      for name, top in state["top"].items()}
         return stats
