@@ -217,6 +217,7 @@ class ChannelStats:
             name: _empty_top(c, self.k, dev) for name in self.rankings
         }
         self._code_table: torch.Tensor | None = None  # exponent code -> bin
+        self._buffers: tuple[torch.Tensor, ...] | None = None  # see _native_buffers
         #: Reduce rows with the C kernel where it applies (see :meth:`update`); an atlas
         #: run sets it once for all its layers (the kernel it recorded).
         self.native = True
@@ -302,6 +303,24 @@ class ChannelStats:
                               self.k, top["value"].data_ptr(), top["index"].data_ptr(),
                               top["location"].data_ptr())
 
+    def _native_buffers(self, n: int, threads: int) -> tuple[torch.Tensor, ...]:
+        """The (N, C) outputs of :meth:`_native_rows` and the zeroed per-thread counts,
+        kept from batch to batch (the kernel's fold leaves the counts zeroed): fresh
+        tensors of a few hundred KB per layer and batch come from ``mmap`` and cost page
+        faults (measured: more than the kernel's row outputs take to fill). Only read
+        within :meth:`update`."""
+        c = self.channels
+        held = self._buffers
+        if held is None or held[0].shape[0] != n:
+            held = (torch.empty(n, c, dtype=torch.float32),
+                    torch.empty(n, c, dtype=torch.int64),
+                    torch.empty(n, c, dtype=torch.float64),
+                    torch.empty(n, c, dtype=torch.float64))
+        counts = held[4] if len(held) > 4 and held[4].shape[0] == threads else torch.zeros(
+            threads, c, _native.BINS, dtype=torch.int64)
+        self._buffers = (*held[:4], counts)
+        return self._buffers
+
     def _native_rows(self, native: _native.Kernel, rows: torch.Tensor, n: int,
                      pool: ThreadPoolExecutor | None, compiled: bool = False
                      ) -> tuple[torch.Tensor, ...]:
@@ -317,16 +336,12 @@ class ChannelStats:
         more)."""
         r, m = rows.shape
         c = self.channels
-        values = torch.empty(n, c, dtype=torch.float32)
-        where = torch.empty(n, c, dtype=torch.int64)
-        total = torch.empty(n, c, dtype=torch.float64)
-        squares = torch.empty(n, c, dtype=torch.float64)
         if pool is not None:
             threads = max(2, torch.get_num_threads())
         else:
             threads = torch.get_num_threads() if compiled else 1
         threads = min(threads, r) if rows.numel() >= 4 * CHUNK else 1
-        counts = torch.zeros(threads, c, _native.BINS, dtype=torch.int64)
+        values, where, total, squares, counts = self._native_buffers(n, threads)
         bounds = [r * i // threads for i in range(threads + 1)]
         x = rows.data_ptr()
         out = (values.data_ptr(), where.data_ptr(), total.data_ptr(), squares.data_ptr())
