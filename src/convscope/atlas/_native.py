@@ -269,23 +269,24 @@ static inline int ranks_before(float s, int64_t id, float v, int64_t i) {
    (n,) the images' dataset indices. Score: mean == 0: maxv; else (float)total / (float)
    positions, in float32 (torch's total.float() / (h * w)); NaN -> -inf (stats._nan_last).
    Lists (channels, k), each sorted in that order: value float32, index int64, location
-   int32 (channels, k, 2) = (where / w, where % w). Channel by channel, images in batch
-   order: an insertion keeps the list sorted, the last entry falls off. */
+   int32 (channels, k, 2) = (where / w, where % w). Images in batch order (each
+   channel's list sees its rows in that order), the rows of an image in memory order: an
+   insertion keeps the list sorted, the last entry falls off. */
 void convscope_top_insert(const float *maxv, const double *total, const int64_t *where,
                           const int64_t *index, int64_t n, int64_t channels, int64_t w,
                           int64_t positions, int mean, int64_t k, float *value,
                           int64_t *ids, int32_t *location) {
     if (k < 1) return;
     const float divisor = (float)positions;
-    for (int64_t ch = 0; ch < channels; ch++) {
-        float *v = value + ch * k;
-        int64_t *i = ids + ch * k;
-        int32_t *l = location + ch * k * 2;
-        for (int64_t r = 0; r < n; r++) {
+    for (int64_t r = 0; r < n; r++) {
+        const int64_t id = index[r];
+        for (int64_t ch = 0; ch < channels; ch++) {
+            float *v = value + ch * k;
+            int64_t *i = ids + ch * k;
+            int32_t *l = location + ch * k * 2;
             int64_t row = r * channels + ch;
             float s = mean ? (float)total[row] / divisor : maxv[row];
             if (s != s) s = -INFINITY;
-            int64_t id = index[r];
             if (!ranks_before(s, id, v[k - 1], i[k - 1])) continue; /* most rows */
             int64_t p = k - 1;
             while (p > 0 && ranks_before(s, id, v[p - 1], i[p - 1])) p--;
