@@ -40,6 +40,8 @@ from convscope.server import Settings, create_app
 extra = {}
 if os.environ.get("BENCH_WORKER_THREADS"):  # 0: FastAPI's default pool (40 threads)
     extra["worker_threads"] = int(os.environ["BENCH_WORKER_THREADS"]) or None
+if os.environ.get("BENCH_FAST_THREADS"):
+    extra["fast_threads"] = int(os.environ["BENCH_FAST_THREADS"])
 if os.environ.get("BENCH_SWITCH_INTERVAL"):  # experiments: the GIL's switch interval
     sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
 if os.environ.get("BENCH_FAST_PATH") == "0":  # every request through FastAPI

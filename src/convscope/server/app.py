@@ -82,8 +82,8 @@ def create_app(settings: Settings | None = None) -> Any:
 
     settings = settings or Settings()
     state = ServerState(settings)
-    # The fast path's threads (FastAPI's own routes keep AnyIO's pool, of the same size).
-    pool = RequestPool(settings.worker_threads or 40)
+    # The fast path's threads (FastAPI's own routes keep AnyIO's pool).
+    pool = RequestPool(settings.fast_threads)
 
     @asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:

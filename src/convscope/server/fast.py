@@ -115,8 +115,8 @@ class FastPath:
     """ASGI middleware: answers :data:`HOT_PATHS` GETs through the route functions, hands
     everything else to ``app`` (FastAPI) untouched (see the module doc).
 
-    The route functions run in ``pool``, threads the app owns (as many as FastAPI's,
-    ``Settings.worker_threads``), reached with ``loop.run_in_executor``: one future and
+    The route functions run in ``pool``, threads the app owns (``Settings.fast_threads``),
+    reached with ``loop.run_in_executor``: one future and
     one wake-up of the loop per request. AnyIO's worker hand-off (FastAPI's) does more
     Python work under the GIL on both threads (limiter, queue, condition variables): in
     ``benchmarks/bench_server.py`` with 16 clients on 2 cores, 343 switches/s through it

@@ -69,7 +69,6 @@ class Settings:
     #: around them holds it, so many more threads than cores mostly add contention (in
     #: benchmarks/bench_server.py, 2 cores and 16 clients, 4 threads served more switches
     #: per second than 40). Torch work stays on the model's thread (see ``state.py``).
-    #: The fast path (``fast_path``) has its own pool of this many threads.
     worker_threads: int | None = field(
         default_factory=lambda: min(32, max(4, 2 * (os.cpu_count() or 1))))
     #: Answer the GETs of a layer or channel switch (grid, channel and filter views)
@@ -78,6 +77,13 @@ class Settings:
     #: FastAPI). That per-request work holds the GIL on the event loop's thread, which is
     #: what limited concurrent clients. False: every request through FastAPI.
     fast_path: bool = True
+    #: Threads of the fast path (its own pool; the rest of the API keeps
+    #: ``worker_threads``). They draw in parallel only while numpy and zlib have released
+    #: the GIL, so beyond one per core they mostly queue for the GIL, and the event loop's
+    #: thread with them (2 cores, 16 clients: 2 threads served about 10% more switches per
+    #: second than 4). At least 2, so one request waiting for a forward pass does not hold
+    #: up the others.
+    fast_threads: int = field(default_factory=lambda: max(2, os.cpu_count() or 1))
     #: Optional atlas folder (convscope atlas output) for top-k examples per channel.
     atlas: str | Path | None = None
 
