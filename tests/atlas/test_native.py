@@ -304,3 +304,27 @@ def test_a_run_started_on_torch_resumes_on_torch(tiny_loaded, image_folder, tmp_
                                        atol=1e-6, err_msg=key)
         np.testing.assert_array_equal(resumed.histogram(layer)[0], whole.histogram(layer)[0])
         np.testing.assert_array_equal(fresh.histogram(layer)[0], whole.histogram(layer)[0])
+
+
+def test_threads_run_on_torchs_openmp_team_with_the_same_numbers():
+    """Where torch's runtime is ``libgomp.so.1`` and the compiler is GCC (this setup), the
+    threaded call runs the OpenMP variant on torch's own team: still one OpenMP runtime in
+    the process, and the same bits as one thread (the same blocks of rows)."""
+    kernel = _kernel()
+    torch.manual_seed(8)
+    rows = (torch.randn(37, 4099) * 30).contiguous()
+    rows[3, 5] = float("nan")
+    rows[20] = -0.0
+    one = _reduce(rows, 5)
+    r, m = rows.shape
+    outs = (torch.empty(r), torch.empty(r, dtype=torch.int64),
+            torch.empty(r, dtype=torch.float64), torch.empty(r, dtype=torch.float64))
+    counts = torch.zeros(3, 5, _native.BINS, dtype=torch.int64)
+    kernel.reduce_rows_threads(rows.data_ptr(), r, m, 5, 0, *(t.data_ptr() for t in outs),
+                               counts.data_ptr(), 3)
+    if _native._torch_gomp() is not None and _native._is_gcc(_native.find_compiler()):
+        assert kernel._omp, "the OpenMP variant should be used here"
+    assert len(_native._openmp_runtimes() or ()) <= 1
+    for got, want in zip(outs, (one[0], one[4], one[1], one[2]), strict=True):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(counts.sum(0), one[3])
