@@ -5,8 +5,9 @@ resize and centre crop in worker processes), so the ratios include image decodin
 reductions are measured in the same run: eager (plain tensor ops) and compiled
 (``torch.compile``), with the goals of issue 8 for every conv layer: eager >= 0.6x and
 compiled >= 0.8x of plain inference. On CPU both modes reduce the rows with the same C
-kernel (``convscope.atlas._native``; the run's ``settings.kernel``), so they differ only by
-noise; one row runs the torch reduction of before (the kernel disabled, as without a C
+kernel (``convscope.atlas._native``; the run's ``settings.kernel``), eager on one thread,
+compile on every torch thread (torch's own OpenMP team where it can share its runtime);
+one row runs the torch reduction of before (the kernel disabled, as without a C
 compiler) for comparison in the same run. One more row shares the kernel's rows among 2
 Python threads (``build(..., reduction_threads=2)``; the default is 1), to show what they
 add on the machine at hand.
