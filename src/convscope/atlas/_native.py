@@ -9,8 +9,9 @@ dispatch overhead and the serial ``bincount`` were most of the atlas's reduction
 
 The source is plain C99 (no torch headers), built at first use with the system C compiler
 (``cc``, ``gcc`` or ``clang`` on ``PATH``) and loaded with :mod:`ctypes`, which releases
-the GIL during a call. No OpenMP: a second OpenMP runtime next to torch's slows every
-forward pass. The shared library is cached per user (``$XDG_CACHE_HOME/convscope`` or
+the GIL during a call. No OpenMP of its own: a second OpenMP runtime next to torch's slows
+every forward pass; the threaded call runs on torch's own team where an OpenMP variant can
+share torch's ``libgomp.so.1`` (:data:`OMP_SOURCE`), else on POSIX threads. The shared library is cached per user (``$XDG_CACHE_HOME/convscope`` or
 ``~/.cache/convscope``) under a hash of the source, the compiler's version, the flags and
 the CPU's feature flags, written atomically (temporary file, then ``os.replace``); never
 into the package. Without a compiler, or if the build fails, :func:`load` returns None and

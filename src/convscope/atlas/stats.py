@@ -331,7 +331,8 @@ class ChannelStats:
         rows go to the threads (ctypes releases the GIL), each with its own counts, added
         afterwards (integers: the same result; each row is reduced whole by one thread);
         ``compiled`` (the mode that used every OpenMP thread before the kernel) does the
-        same with ``torch.get_num_threads()`` POSIX threads started by the kernel itself.
+        same with ``torch.get_num_threads()`` threads (torch's OpenMP team where the
+        kernel can share its runtime, else POSIX threads started by the kernel).
         Layers under ``4 * CHUNK`` values run on one thread (starting threads would cost
         more)."""
         r, m = rows.shape
