@@ -1,10 +1,11 @@
 """A lean path for the explorer's hot GET routes, between the guard and FastAPI.
 
 A layer or channel switch is two or three small requests whose own work is a few
-milliseconds of drawing; FastAPI's routing, dependency solving and validation around them
-run on the event loop's thread, holding the GIL, and under many clients that share of the
-work is what stops the drawing threads from using the second core. This ASGI app answers
-those routes itself: it parses the query string, converts each value as the route
+milliseconds of drawing, much of it in numpy and zlib outside the GIL. The work around it
+holds the GIL: FastAPI's routing, dependency solving and validation on the event loop's
+thread, and AnyIO's hand-off to a worker thread and back. Under many clients that work,
+and the threads queueing for the GIL, is what kept the drawing from using the second
+core. This ASGI app answers those routes itself: it parses the query string, converts each value as the route
 declares it, and calls the **route's own function** (the one FastAPI calls, so the same
 views and the same ``Response``: same status, headers and body).
 
