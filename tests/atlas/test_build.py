@@ -441,6 +441,11 @@ def test_one_reduction_per_run_chosen_from_the_whole_run(monkeypatch):
     assert choose("auto", 1, cpu, True, 1) is True  # resumed: the recorded reduction
     assert choose("compile", 10**6, cpu, False, 1) is False
     assert probes == ["ok", "ok"]
+    # The C kernel (nothing to compile): auto spreads its rows over the threads at once.
+    assert choose("auto", 1, cpu, None, 1, probe=False) is True
+    assert choose("eager", 1, cpu, None, 1, probe=False) is False
+    assert choose("auto", 1, cpu, False, 1, probe=False) is False  # resumed: recorded
+    assert probes == ["ok", "ok"]
 
     def broken(device):
         raise RuntimeError("no compiler")

@@ -695,6 +695,11 @@ def _choose_reduction(fused: str, batches: int, device: torch.device, recorded: 
         raise AtlasError(f"fused must be 'auto', 'compile' or 'eager', got {fused!r}")
     if recorded is not None:
         want = recorded
+    elif fused == "auto" and not probe:
+        # The C kernel: "compile" only spreads its rows over torch's threads (nothing to
+        # compile, no warm-up); in the pass it measured faster than one thread, idle
+        # (0.89x against 0.83x of plain inference) and loaded (docs/benchmarks.md).
+        want = True
     elif fused == "auto":
         threshold = AUTO_COMPILE_BATCHES.get(device.type)
         want = threshold is not None and batches >= threshold

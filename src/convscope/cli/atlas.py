@@ -63,8 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="reductions: on CPU both modes use the atlas's C kernel (built at "
                         "first use with the system C compiler; compile runs it on every "
                         "torch thread, eager on one); without a compiler, and on CUDA, "
-                        "torch.compile'd or eager torch ops; auto: eager on CPU, compiled "
-                        "for runs of 10+ batches on CUDA. Chosen once per run by all "
+                        "torch.compile'd or eager torch ops; auto: compile with the C "
+                        "kernel, else eager on CPU and compiled for runs of 10+ batches on "
+                        "CUDA. Chosen once per run by all "
                         "processes; both modes give identical statistics")
     p.add_argument("--crop-size", type=int, default=64, help="pixels per crop tile (64)")
     p.add_argument("--no-crops", action="store_true", help="skip writing crops/")
