@@ -43,9 +43,10 @@ Progress = Callable[[int, int, float], None]
 CHECKPOINT = "checkpoint{suffix}.pt"
 #: ``fused="auto"`` compiles runs of at least this many batches (all ranks together) on
 #: these device types: the one-off compilation (a few seconds) is repaid by then. Not on
-#: CPU: the compiled reduction uses every OpenMP thread and, next to other processes, was
-#: far slower than the one-thread eager tiles (faster only on an idle machine;
-#: docs/atlas.md).
+#: CPU with the torch reductions: there the compiled reduction uses every OpenMP thread
+#: and, next to other processes, was far slower than the one-thread eager tiles (faster
+#: only on an idle machine; docs/atlas.md). With the C kernel, ``auto`` is ``compile``
+#: (see :func:`_choose_reduction`).
 AUTO_COMPILE_BATCHES = {"cuda": 10}
 # Test hooks (environment): checkpoint every N batches; SIGKILL self after N batches.
 _ENV_CHECKPOINT_BATCHES = "CONVSCOPE_ATLAS_CHECKPOINT_BATCHES"
@@ -95,7 +96,8 @@ def build(
     modes reduce the rows with the same C kernel (one read of every value; built at first
     use with the system C compiler, torch ops without one), so nothing is compiled there
     (``"compile"`` runs the kernel on ``torch.get_num_threads()`` threads, ``"eager"`` on
-    ``reduction_threads``); the run records that kernel and a resume keeps it. With ``out`` and
+    ``reduction_threads``, ``"auto"`` is ``"compile"``); the run records that kernel and
+    a resume keeps it. With ``out`` and
     ``resume=True`` an interrupted run continues from its last checkpoint (written every
     ``checkpoint_every`` seconds) and ends with the same result. Under ``torchrun``
     (``torch.distributed`` initialised) every rank processes a disjoint shard and all ranks
