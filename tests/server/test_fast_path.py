@@ -263,3 +263,8 @@ def test_route_declarations_it_does_not_understand_are_left_to_fastapi():
     assert list(routes) == ["/api/filters.png"]
     assert routes["/api/filters.png"].arguments(b"layer=x&alpha=0.25") == {
         "layer": "x", "channel": None, "alpha": 0.25}
+
+
+def test_fast_threads_below_one_are_refused_when_the_app_is_made(tiny_loaded):
+    with pytest.raises(ValueError, match="fast_threads must be at least 1"):
+        create_app(Settings(models={"tiny": tiny_loaded}, fast_threads=0))

@@ -92,7 +92,9 @@ class RequestPool:
     :meth:`close` (the app's shutdown) and started again if the app serves again."""
 
     def __init__(self, threads: int):
-        self.threads = threads
+        if int(threads) < 1:  # refused when the app is made, not at its first request
+            raise ValueError(f"fast_threads must be at least 1, got {threads}")
+        self.threads = int(threads)
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
