@@ -262,6 +262,7 @@ def _check_model(name: str, grad_modes: tuple[str, ...]) -> None:
             with grad_mode(), _seeded(), capture(model, "all", copy=mode) as acts:
                 out = model(x.clone())
             assert _hook_count(model) == 0, where
+            assert torch._C._len_torch_function_stack() == 0, f"{where}: a mode left behind"
             assert_identical(out, plain, f"{where}: model output")
             assert set(acts) == set(expected), where
             for layer, outputs in expected.items():
@@ -408,13 +409,183 @@ def test_writes_after_the_block_never_show_in_stored_values():
                 assert torch.equal(acts["1"], truth.flatten(1))
 
         class Stash(nn.Module):
+            """Keeps an alias of its input that holds the memory without referencing the
+            conv's output tensor: ``.detach()`` (shares the version counter) or ``.data``
+            (does not)."""
+
+            def __init__(self, how: str):
+                super().__init__()
+                self.how = how
+
             def forward(self, y):
-                self.kept = y.detach()  # a detached alias: shares memory, no reference
+                self.kept = y.detach() if self.how == "detach" else y.data
                 return y * 1
 
-        stash = nn.Sequential(nn.Conv2d(3, 2, 3), Stash())
-        with capture(stash, "0") as acts:
+        for how in ("detach", "data"):
+            stash = nn.Sequential(nn.Conv2d(3, 2, 3), Stash(how))
+            truth = stash[0](x)
+            # copy="auto" sees the memory still shared at exit and copies it then.
+            with capture(stash, "0") as acts:
+                stash(x)
+            stash[1].kept.fill_(0)
+            assert torch.equal(acts["0"], truth), how
+            # A write while the model still holds the alias, inside the body, is seen too.
+            with capture(stash, "0") as acts:
+                stash(x)
+                stash[1].kept.fill_(0)
+            assert torch.equal(acts["0"], truth), how
+        stash = nn.Sequential(nn.Conv2d(3, 2, 3), Stash("detach"))
+        with capture(stash, "0", copy=False) as acts:
             stash(x)
         stash[1].kept.fill_(0)
         with pytest.raises(CaptureIntegrityError, match="after it was captured"):
             acts["0"]
+
+
+class _Counting(torch.overrides.TorchFunctionMode):
+    """A user's own torch-function mode: counts the calls it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+class ModeInForward(nn.Module):
+    """Enters a torch-function mode inside its forward, around and between captured
+    convs and the in-place writes that follow them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _Counting():
+            h = self.a(x)  # stored while another mode is on top of the stack
+            h.mul_(2)
+        h = self.b(h)  # stored with the guard on the stack ...
+        with _Counting():
+            h.add_(1)  # ... and written while another mode sits above it
+        return self.relu(h)
+
+
+def test_modes_entered_inside_the_forward_or_around_capture():
+    """The guard goes on the torch-function stack only when it can come off again in
+    order: values stay exact, the user's modes see every call, the stack is restored."""
+    torch.manual_seed(0)
+    model = ModeInForward()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected_out, expected = reference_outputs(model, lambda: model(x))
+        for mode in ("auto", True):
+            with capture(model, "all", copy=mode) as acts:
+                out = model(x)
+            assert torch._C._len_torch_function_stack() == 0
+            assert_identical(out, expected_out, "output")
+            for name in ("a", "b", "relu"):
+                assert_identical(acts[name], expected[name][0], name)
+        # A mode the user holds around the capture keeps seeing the model's calls.
+        plain = _Counting()
+        with plain:
+            model(x)
+        outer = _Counting()
+        with outer, capture(model, "all") as acts:
+            out = model(x)
+            assert torch._C._len_torch_function_stack() >= 1
+        assert torch._C._len_torch_function_stack() == 0
+        assert outer.calls == plain.calls
+        assert_identical(out, expected_out, "output under an outer mode")
+        assert_identical(acts["b"], expected["b"][0], "b under an outer mode")
+        # A mode entered in the body and left open is kept; the guard comes off under it.
+        user = _Counting()
+        truth_b = model.b(model.a(x))
+        with capture(model, "all") as acts:
+            h = model.b(model.a(x))  # the guard is on the stack: b's output is alive
+            user.__enter__()
+        try:
+            assert torch._C._len_torch_function_stack() == 1
+            assert torch._C._get_function_stack_at(0) is user
+        finally:
+            user.__exit__(None, None, None)
+        h.mul_(0)  # the caller still held b's output at exit: it was copied then
+        assert torch.equal(acts["b"], truth_b) and truth_b.abs().sum() > 0
+        assert torch._C._len_torch_function_stack() == 0
+
+
+def test_forward_on_another_thread_and_nested_captures():
+    import threading
+
+    torch.manual_seed(0)
+    model = UNetSkip().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected_out, expected = reference_outputs(model, lambda: model(x))
+        # The forward runs on a worker thread: its hooks copy at once (the guard's mode
+        # lives on the capturing thread's stack and would not see that thread's writes).
+        result: list[torch.Tensor] = []
+
+        def work() -> None:
+            with torch.no_grad():
+                result.append(model(x))
+
+        with capture(model, "all") as acts:
+            worker = threading.Thread(target=work)
+            worker.start()
+            worker.join()
+        assert_identical(result[0], expected_out, "thread output")
+        for name, values in expected.items():
+            assert_identical(acts.calls(name), values, f"thread: {name}")
+        # A pool thread that keeps running after the capture, holding the model's output
+        # (a captured tensor): nothing of convscope's stays on that thread's mode stack.
+        chain = nn.Sequential(nn.Conv2d(3, 3, 3), nn.Conv2d(3, 3, 3))
+        truth = chain(x)
+        go, done, held, depth = threading.Event(), threading.Event(), [], []
+
+        def pool_worker() -> None:
+            with torch.no_grad():
+                held.append(chain(x))  # returns the last conv's own output
+            done.set()
+            go.wait(10)
+            depth.append(torch._C._len_torch_function_stack())
+
+        worker = threading.Thread(target=pool_worker)
+        with capture(chain, "all") as acts:
+            worker.start()
+            assert done.wait(10)
+        go.set()
+        worker.join()
+        assert depth == [0]
+        held[0].mul_(0)
+        assert torch.equal(acts["1"], truth)
+        # Two captures at once on one model: both exact, the stack restored.
+        with capture(model, "all") as outer, capture(model, ["down", "model.1"]) as inner:
+            out = model(x)
+        assert torch._C._len_torch_function_stack() == 0
+        assert_identical(out, expected_out, "nested output")
+        for name, values in expected.items():
+            assert_identical(outer.calls(name), values, f"outer: {name}")
+        for name in ("down", "model.1"):
+            assert_identical(inner.calls(name), expected[name], f"inner: {name}")
+
+
+def test_exception_mid_forward_restores_the_stack():
+    class Boom(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 3)
+
+        def forward(self, x):
+            y = self.conv(x)  # stored; the guard is on the stack while y lives
+            raise RuntimeError(f"boom at {tuple(y.shape)}")
+
+    model = Boom()
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad(), \
+            capture(model, "conv"):
+        model(torch.randn(1, 3, 5, 5))
+    assert torch._C._len_torch_function_stack() == 0
+    assert _hook_count(model) == 0

@@ -8,6 +8,7 @@ the hook bookkeeping it is built on).
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -316,26 +317,6 @@ def _written_tensors(
     return targets
 
 
-class _Pending:
-    """A stored output that still shares memory with the running model."""
-
-    __slots__ = ("alias", "calls", "index", "name", "origin", "version")
-
-    def __init__(self, name: str, calls: list[Any], index: int, output: torch.Tensor):
-        self.name, self.calls, self.index = name, calls, index
-        self.alias = calls[index]
-        self.version = self.alias._version
-        # The module's own output object: while someone holds it (or a view of it, which
-        # holds its base), that memory can still be written after the capture ends.
-        self.origin = weakref.ref(output)
-
-    def commit(self, copy: torch.Tensor | None = None) -> torch.Tensor:
-        """Replace the stored alias by a private copy of its current (still exact) value."""
-        copy = self.alias.clone() if copy is None else copy
-        self.calls[self.index] = copy
-        return copy
-
-
 class _Verified:
     """A stored alias whose version counter proves it was not written since capture."""
 
@@ -345,45 +326,199 @@ class _Verified:
         self.name, self.tensor, self.version = name, tensor, version
 
 
+class _Pending(_Verified):
+    """A stored output that still shares memory with the running model (once proven
+    safe, the same object is kept as its :class:`_Verified` record)."""
+
+    __slots__ = ("calls", "index", "origin")
+
+    def __init__(self, name: str, calls: list[Any], output: torch.Tensor,
+                 on_death: Callable[[Any], None] | None = None):
+        alias = output.detach()
+        calls.append(alias)
+        self.name, self.tensor, self.version = name, alias, alias._version
+        self.calls, self.index = calls, len(calls) - 1
+        # The module's own output object: while someone holds it (or a view of it, which
+        # holds its base), that memory can still be written. ``on_death`` runs when the
+        # last reference goes, still before that tensor lets go of the memory.
+        self.origin = weakref.ref(output, on_death)
+
+    def commit(self, copy: torch.Tensor | None = None) -> torch.Tensor:
+        """Replace the stored alias by a private copy of its current (still exact) value."""
+        copy = self.tensor.clone() if copy is None else copy
+        self.calls[self.index] = copy
+        return copy
+
+
+_ALL_DISABLED = torch._C._TorchFunctionState.ALL_DISABLED
+_stack_depth = torch._C._len_torch_function_stack
+_stack_at = torch._C._get_function_stack_at
+_storage_users = torch._C._storage_Use_Count
+_no_torch_function = torch._C.DisableTorchFunction
+
+
 class _CopyOnWrite(TorchFunctionMode):
     """Copies a captured output just before any torch op writes to its memory.
 
     Storing the module's own output tensor and copying it only on a write costs nothing
     for the usual case and stays exact when an in-place op follows: ``ReLU(inplace=True)``
     after a conv (VGG), ``out += identity`` after a BatchNorm (ResNet), ``x[...] = v``,
-    ``torch.add(a, b, out=a)``. Every Python-visible torch call in the body goes through
-    ``__torch_function__``; the op itself always runs exactly as the model wrote it.
-    Writes the mode cannot see (TorchScript, C++) are caught at exit by the autograd
-    version counter and reported instead of returning a wrong value.
+    ``torch.add(a, b, out=a)``. The op itself always runs exactly as the model wrote it.
+
+    The mode is on the torch-function stack only while the model can still reach a stored
+    output's memory: a hook pushes it when it stores an alias, and it comes off again once
+    every such output has been dropped and nothing but the stored aliases holds the memory
+    (the storage's reference count says so). A ResNet conv output is read by its
+    BatchNorm and dropped, so only the BatchNorm's calls pass through the mode, not every
+    call of the forward. Where the mode cannot be pushed safely (another thread, another
+    mode entered inside the forward, torch functions disabled) the hook copies at once.
+    Writes the mode cannot see (TorchScript, C++) are caught by the autograd version
+    counter and reported instead of returning a wrong value.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.pending: dict[int, list[_Pending]] = {}  # storage address -> stored aliases
+        # storage address -> (the storage, held so that its reference count is exact, and
+        # the stored aliases of it)
+        self.pending: dict[int, tuple[torch.UntypedStorage, list[_Pending]]] = {}
+        self.orphaned: set[int] = set()  # module outputs all gone, memory still shared
+        self.deferred: list[int] = []  # outputs that died while the books were open
+        self.kept: list[_Verified] = []
+        self.corrupted: list[str] = []
+        self.thread = threading.get_ident()
+        self.base_depth = _stack_depth()
+        self.on_stack = False
+        self.busy = False
+        self.closed = False
 
-    def watch(self, entry: _Pending) -> None:
-        pointer = entry.alias.untyped_storage().data_ptr()
-        if pointer:
-            self.pending.setdefault(pointer, []).append(entry)
-        else:  # an empty tensor: nothing can be written to it
-            entry.commit()
+    # -- the stack --------------------------------------------------------------------
+    def activate(self) -> bool:
+        """Make sure the mode sees the next writes; False where it cannot (copy instead).
+
+        Called from a hook with torch functions enabled (the caller checks)."""
+        if self.on_stack:
+            return threading.get_ident() == self.thread
+        if threading.get_ident() != self.thread or self.closed:
+            return False
+        if _stack_depth() != self.base_depth:
+            # A mode entered inside the forward: ours on top of it would be popped by its
+            # exit. Copying at once is exact and leaves the stack alone.
+            return False
+        torch._C._push_on_torch_function_stack(self)
+        self.on_stack = True
+        return True
+
+    def maybe_pop(self) -> None:
+        """Leave the stack once nothing is watched (only from the top: a mode entered
+        above ours stays where it is, and ours comes off at a later hook or at exit)."""
+        if self.on_stack and not self.pending:
+            depth = _stack_depth()
+            if depth and _stack_at(depth - 1) is self:
+                torch._C._pop_torch_function_stack()
+                self.on_stack = False
+
+    def _remove_from_stack(self) -> None:
+        """At exit: take the mode off the stack, keeping any mode entered above it."""
+        if not self.on_stack:
+            return
+        self.on_stack = False
+        above = []
+        while _stack_depth() > 0:
+            mode = torch._C._pop_torch_function_stack()
+            if mode is self:
+                break
+            above.append(mode)
+        for mode in reversed(above):
+            torch._C._push_on_torch_function_stack(mode)
+
+    # -- bookkeeping ------------------------------------------------------------------
+    def watch(self, name: str, calls: list[Any], output: torch.Tensor) -> None:
+        """Store an alias of ``output`` in ``calls`` until it is proven safe or copied."""
+        storage = output.untyped_storage()
+        pointer = storage.data_ptr()
+        if not pointer:  # an empty tensor: nothing can be written to it
+            calls.append(output.detach())
+            return
+        entry = _Pending(name, calls, output, lambda _, p=pointer: self._origin_died(p))
+        watched = self.pending.get(pointer)
+        if watched is None:
+            self.pending[pointer] = (storage, [entry])
+        else:
+            watched[1].append(entry)
+            self.orphaned.discard(pointer)
+
+    def _origin_died(self, pointer: int) -> None:
+        # A weakref callback: it can run inside the hook's or the mode's own bookkeeping
+        # (garbage collection) or on another thread; then it only notes the address.
+        if self.closed:
+            return
+        if self.busy or threading.get_ident() != self.thread:
+            self.deferred.append(pointer)
+            return
+        self.busy = True
+        try:
+            with _no_torch_function():
+                self._release(pointer, dying=1)
+        finally:
+            self.busy = False
+        self.maybe_pop()
+
+    def _release(self, pointer: int, dying: int = 0) -> None:
+        """Stop watching a storage once only the stored aliases hold it.
+
+        ``dying``: tensors being freed right now that still count as holders (a weakref
+        callback runs before the dying tensor lets go of its storage).
+        """
+        watched = self.pending.get(pointer)
+        if watched is None:
+            return
+        storage, entries = watched
+        for entry in entries:
+            if entry.origin() is not None:
+                return  # a module output still alive: its own death will come
+        # Holders: our storage handle, one alias per entry, the dying tensor, anyone else.
+        if _storage_users(storage._cdata) > 1 + len(entries) + dying:
+            self.orphaned.add(pointer)  # a view, ``.detach()`` or ``.data`` still holds it
+            return
+        del self.pending[pointer]
+        self.orphaned.discard(pointer)
+        for entry in entries:
+            if entry.tensor._version == entry.version:
+                self.kept.append(entry)
+            else:
+                self.corrupted.append(entry.name)
+
+    def checkpoint(self) -> None:
+        """At each hook: finish what callbacks deferred and retry shared storages."""
+        if self.deferred:
+            pointers, self.deferred = self.deferred, []
+            for pointer in pointers:
+                self._release(pointer)
+        for pointer in list(self.orphaned):
+            self._release(pointer)
 
     def protect(self, target: torch.Tensor) -> None:
-        entries = self.pending.pop(target.untyped_storage().data_ptr(), None)
-        if entries:
-            _commit_all(entries)
+        watched = self.pending.pop(target.untyped_storage().data_ptr(), None)
+        if watched is not None:
+            self.orphaned.discard(target.untyped_storage().data_ptr())
+            _commit_all(watched[1])
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        # Runs for every torch call in the body: keep the common path (nothing watched
-        # or an op that never writes) to a dict lookup and the call itself.
+        # Runs for every torch call while the mode is on the stack: keep the common path
+        # (an op that never writes) to a dict lookup and the call itself.
         if self.pending:
             try:
                 kind, detail = _write_kind(func)
             except TypeError:  # an unhashable callable: classify it every time
                 kind, detail = _write_kind.__wrapped__(func)
             if kind != _NEVER or (kwargs and "out" in kwargs):
-                for target in _written_tensors(kind, detail, args, kwargs or {}):
-                    self.protect(target)
+                self.busy = True
+                try:  # the copies are convscope's own: no mode below this one sees them
+                    with _no_torch_function():
+                        for target in _written_tensors(kind, detail, args, kwargs or {}):
+                            self.protect(target)
+                finally:
+                    self.busy = False
         if kwargs:
             return func(*args, **kwargs)
         return func(*args)
@@ -393,14 +528,18 @@ class _CopyOnWrite(TorchFunctionMode):
 
         Returns the aliases kept without a copy, with the version to check on access.
         """
-        corrupted, kept = [], []
-        for entries in self.pending.values():
-            intact = [entry for entry in entries if entry.alias._version == entry.version]
+        self.closed = True
+        self._remove_from_stack()
+        corrupted, kept = self.corrupted, self.kept
+        for storage, entries in self.pending.values():
+            intact = [entry for entry in entries if entry.tensor._version == entry.version]
             corrupted.extend(entry.name for entry in entries if entry not in intact)
-            if any(entry.origin() is not None for entry in intact):
+            shared = any(entry.origin() is not None for entry in entries) or (
+                _storage_users(storage._cdata) > 1 + len(entries))
+            if shared:  # the caller (or the model) still holds that memory: copy it now
                 _commit_all(intact)
             else:
-                kept.extend(_Verified(e.name, e.alias, e.version) for e in intact)
+                kept.extend(intact)
         self.pending.clear()
         if corrupted and not failed:
             raise CaptureIntegrityError(
@@ -416,7 +555,7 @@ def _commit_all(entries: list[_Pending]) -> None:
     its last child return the same tensor), so memory stays what was requested."""
     copies: dict[tuple, torch.Tensor] = {}
     for entry in entries:
-        alias = entry.alias
+        alias = entry.tensor
         key = (alias.data_ptr(), alias.dtype, tuple(alias.shape), alias.stride())
         copies[key] = entry.commit(copies.get(key))
 
@@ -469,8 +608,12 @@ def capture(
     in-place op (VGG's ``ReLU(inplace=True)``) rewrites that memory:
 
     - ``copy="auto"`` (default) keeps the module's own output and copies it only just
-      before a torch op writes to it, or at exit when the caller still holds it. Inference
-      tensors (``torch.inference_mode``) carry no version counter to prove an alias intact,
+      before a torch op writes to it, or at exit when anything besides convscope still
+      holds its memory (the output itself, a view, a ``.detach()`` or ``.data`` alias).
+      The write guard, a torch-function mode, is on the stack only while the model can
+      still reach a stored output. Outputs made on another thread than the one that
+      entered ``capture``, or inside a torch-function mode entered in the forward, are
+      copied at once. Inference tensors (``torch.inference_mode``) carry no version counter to prove an alias intact,
       so they are copied at once; so are all outputs of models with PyTorch's fused
       attention fast paths (``nn.MultiheadAttention``, ``nn.TransformerEncoder[Layer]``),
       which an active write guard would switch to their slower, numerically different path.
@@ -487,7 +630,8 @@ def capture(
         raise ValueError(f"copy must be True, False or 'auto'; got {copy!r}")
     modules = resolve_layers(model, layers)
     acts = Activations(modules, model)
-    target = torch.device(to) if to is not None else None
+    with torch._C.DisableTorchFunction():  # convscope's own call: no user mode sees it
+        target = torch.device(to) if to is not None else None
     guard = None
     if copy == "auto" and not _guard_changes_computation(model):
         guard = _CopyOnWrite()
@@ -496,29 +640,44 @@ def capture(
     def hook(name: str, module: nn.Module, inputs: tuple, output: Any) -> None:
         # Runs once per captured call. The bookkeeping's own tensor calls need not pass
         # through the write guard, hence DisableTorchFunction.
+        modes_on = torch._C._get_torch_function_state() != _ALL_DISABLED
         with torch._C.DisableTorchFunction():
-            if (
-                eager
-                or not isinstance(output, torch.Tensor)
-                or (target is not None and output.device != target)
-                or (dtype is not None and output.dtype != dtype and output.is_floating_point())
-            ):
-                acts._record(name, copy_output(output, to, dtype))
-            elif output.is_inference():
-                if copy is False:
-                    raise ConvscopeError(
-                        "capture(copy=False) cannot verify outputs under "
-                        "torch.inference_mode (inference tensors have no version counter); "
-                        "use copy='auto' or True"
-                    )
-                acts._record(name, copy_output(output, to, dtype))
-            else:
-                calls = acts._calls[name]
-                calls.append(output.detach())
+            if guard is not None:
+                guard.busy = True
+            try:
                 if guard is not None:
-                    guard.watch(_Pending(name, calls, len(calls) - 1, output))
-                else:
+                    guard.checkpoint()
+                if (
+                    eager
+                    or not isinstance(output, torch.Tensor)
+                    or (target is not None and output.device != target)
+                    or (dtype is not None and output.dtype != dtype
+                        and output.is_floating_point())
+                ):
+                    acts._record(name, copy_output(output, to, dtype))
+                elif output.is_inference():
+                    if copy is False:
+                        raise ConvscopeError(
+                            "capture(copy=False) cannot verify outputs under "
+                            "torch.inference_mode (inference tensors have no version "
+                            "counter); use copy='auto' or True"
+                        )
+                    acts._record(name, copy_output(output, to, dtype))
+                elif guard is None:  # copy=False: each read checks the version counter
+                    calls = acts._calls[name]
+                    calls.append(output.detach())
                     acts._verify.append(_Verified(name, calls[-1], calls[-1]._version))
+                elif modes_on and guard.activate():
+                    guard.watch(name, acts._calls[name], output)
+                else:  # the write guard cannot see this thread or context: copy now
+                    acts._record(name, copy_output(output, to, dtype))
+            finally:
+                if guard is not None:
+                    guard.busy = False
+            if guard is not None:
+                if guard.deferred:
+                    guard.checkpoint()
+                guard.maybe_pop()
 
     def note_input(_module: nn.Module, inputs: tuple) -> None:
         with torch._C.DisableTorchFunction():
@@ -529,17 +688,17 @@ def capture(
 
     with forward_hooks(modules, hook), _pre_hook(model, note_input):
         if guard is None:
-            yield acts  # copy=False: each read verifies the version counters
+            yield acts  # copy=False or copy=True: nothing to watch
             return
         failed = False
         try:
-            with guard:
-                yield acts
+            yield acts
         except BaseException:
             failed = True
             raise
         finally:
-            acts._verify.extend(guard.settle(failed))
+            with torch._C.DisableTorchFunction():
+                acts._verify.extend(guard.settle(failed))
 
 
 class LayerActivations:
