@@ -200,7 +200,7 @@ def _speed(rounds: int, quick: bool) -> list[str]:
     return rows
 
 
-ENV_METHODS = ["plain", "ours", "copy", "naive_alias"]
+ENV_METHODS = ["plain", "ours", "copy", "naive_alias", "fx"]
 
 
 # glibc keeps freed memory instead of returning it to the kernel (no trimming, no mmap for
@@ -279,7 +279,7 @@ def run(quick: bool = False, thp: bool = False) -> str:
     rounds = 3 if quick else 9
     rows = _speed(rounds, quick)
     thp_rows = _env_rows(rounds, quick, {"THP_MEM_ALLOC_ENABLE": "1"}, (1, 8)) if thp else []
-    keep_rows = _env_rows(rounds, quick, KEEP_FREED, (8,))
+    keep_rows = _env_rows(rounds, quick, KEEP_FREED, (1, 8))
     lines = [
         f"Each case in a fresh process. Median of {rounds} rounds (batch 8: "
         f"{max(3, rounds // 2)}) after a warm-up; each round calls every method twice in a "
@@ -307,7 +307,7 @@ def run(quick: bool = False, thp: bool = False) -> str:
         ]
     lines += [
         "",
-        "The batch-8 goal cases with glibc told to keep freed memory in the process "
+        "The goal cases with glibc told to keep freed memory in the process "
         "(`MALLOC_TRIM_THRESHOLD_=2**33`, `MALLOC_MMAP_THRESHOLD_=2**32`, `MALLOC_TOP_PAD_=0`; "
         "again a process-wide setting that convscope does not make): no call needs fresh "
         "pages, so what remains above the plain forward is the cost of writing the held "
