@@ -589,3 +589,27 @@ def test_exception_mid_forward_restores_the_stack():
         model(torch.randn(1, 3, 5, 5))
     assert torch._C._len_torch_function_stack() == 0
     assert _hook_count(model) == 0
+
+
+def test_stored_values_are_freed_with_the_activations_without_garbage_collection():
+    """Dropping ``acts`` frees every stored tensor at once: no reference cycle through
+    the write guard's bookkeeping keeps them until a garbage collection."""
+    import gc
+    import weakref
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for keep_output in (False, True):
+            net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).eval(),
+                                nn.ReLU(inplace=True))
+            with torch.no_grad(), capture(net, "all") as acts:
+                out = net(torch.randn(1, 3, 8, 8))
+            if not keep_output:
+                del out
+            refs = [weakref.ref(acts[name]) for name in ("0", "1", "2")]
+            del acts
+            assert [ref() is None for ref in refs] == [True, True, True], keep_output
+    finally:
+        if enabled:
+            gc.enable()

@@ -541,6 +541,9 @@ class _CopyOnWrite(TorchFunctionMode):
             else:
                 kept.extend(intact)
         self.pending.clear()
+        self.kept, self.corrupted = [], []
+        for entry in kept:  # no reference from the stored values back to this guard
+            entry.origin = entry.calls = None
         if corrupted and not failed:
             raise CaptureIntegrityError(
                 "the output of " + ", ".join(sorted(set(corrupted))) + " was modified in place "
