@@ -296,6 +296,30 @@ def test_zoo_torchvision_families(name):
     _built.pop(name, None)  # free the big ones
 
 
+# timm families whose forwards write in place in ways torchvision's do not: split-and-add
+# (Res2Net), dual paths (DPN), LeakyReLU/SiLU in place (Darknet, CSP), scaled weight-
+# standardised convs (NFNet), reparameterised blocks (FastViT), ghost modules, HRNet fusion,
+# a conv+attention hybrid (MobileViT). Random weights, 64 px.
+TIMM_ZOO = ("res2net50_14w_8s", "dpn68", "darknet53", "cs3darknet_s", "nf_resnet26",
+            "fastvit_t8", "ghostnet_050", "hrnet_w18_small", "mobilevit_xxs")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TIMM_ZOO)
+def test_zoo_timm_families(name):
+    import timm
+
+    def build(name: str = name) -> nn.Module:
+        return timm.create_model(name, pretrained=False, num_classes=10)
+
+    ZOO[name] = (build, (1, 3, 64, 64))
+    try:
+        _check_model(name, ("no_grad", "inference_mode", "grad"))
+    finally:
+        ZOO.pop(name)
+        _built.pop(name, None)
+
+
 def test_unet_skip_was_changed_by_the_old_out_of_place_trick():
     """The case from the issue: capturing the layer before a skip block whose first child
     is an in-place activation must not change what the block concatenates."""
