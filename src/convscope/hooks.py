@@ -355,6 +355,7 @@ _stack_depth = torch._C._len_torch_function_stack
 _stack_at = torch._C._get_function_stack_at
 _storage_users = torch._C._storage_Use_Count
 _no_torch_function = torch._C.DisableTorchFunction
+_function_state = torch._C._get_torch_function_state
 
 
 class _CopyOnWrite(TorchFunctionMode):
@@ -639,48 +640,51 @@ def capture(
     if copy == "auto" and not _guard_changes_computation(model):
         guard = _CopyOnWrite()
     eager = copy is True or (copy == "auto" and guard is None)
+    on_cpu = target is not None and target.type == "cpu"
+
+    def kept_as_is(output: Any) -> bool:
+        """Stored without a conversion: a tensor already on ``to`` and in ``dtype``."""
+        return (
+            isinstance(output, torch.Tensor)
+            and (target is None or (output.is_cpu if on_cpu else output.device == target))
+            and (dtype is None or output.dtype == dtype or not output.is_floating_point())
+        )
+
+    def guarded_hook(name: str, module: nn.Module, inputs: tuple, output: Any) -> None:
+        # copy="auto": runs once per captured call, so it is kept short. The bookkeeping's
+        # own tensor calls need not pass through any mode, hence DisableTorchFunction.
+        modes_on = _function_state() != _ALL_DISABLED
+        with _no_torch_function():
+            guard.busy = True
+            try:
+                if guard.deferred or guard.orphaned:
+                    guard.checkpoint()
+                if (kept_as_is(output) and not output.is_inference() and modes_on
+                        and guard.activate()):
+                    guard.watch(name, acts._calls[name], output)
+                else:  # converted, inference tensors, or a thread or context the write
+                    acts._record(name, copy_output(output, to, dtype))  # guard can't see
+            finally:
+                guard.busy = False
+            if guard.deferred:
+                guard.checkpoint()
+            if guard.on_stack and not guard.pending:
+                guard.maybe_pop()
 
     def hook(name: str, module: nn.Module, inputs: tuple, output: Any) -> None:
-        # Runs once per captured call. The bookkeeping's own tensor calls need not pass
-        # through the write guard, hence DisableTorchFunction.
-        modes_on = torch._C._get_torch_function_state() != _ALL_DISABLED
-        with torch._C.DisableTorchFunction():
-            if guard is not None:
-                guard.busy = True
-            try:
-                if guard is not None:
-                    guard.checkpoint()
-                if (
-                    eager
-                    or not isinstance(output, torch.Tensor)
-                    or (target is not None and output.device != target)
-                    or (dtype is not None and output.dtype != dtype
-                        and output.is_floating_point())
-                ):
-                    acts._record(name, copy_output(output, to, dtype))
-                elif output.is_inference():
-                    if copy is False:
-                        raise ConvscopeError(
-                            "capture(copy=False) cannot verify outputs under "
-                            "torch.inference_mode (inference tensors have no version "
-                            "counter); use copy='auto' or True"
-                        )
-                    acts._record(name, copy_output(output, to, dtype))
-                elif guard is None:  # copy=False: each read checks the version counter
-                    calls = acts._calls[name]
-                    calls.append(output.detach())
-                    acts._verify.append(_Verified(name, calls[-1], calls[-1]._version))
-                elif modes_on and guard.activate():
-                    guard.watch(name, acts._calls[name], output)
-                else:  # the write guard cannot see this thread or context: copy now
-                    acts._record(name, copy_output(output, to, dtype))
-            finally:
-                if guard is not None:
-                    guard.busy = False
-            if guard is not None:
-                if guard.deferred:
-                    guard.checkpoint()
-                guard.maybe_pop()
+        # copy=True, copy=False, or "auto" on a model the guard would change.
+        with _no_torch_function():
+            if eager or not kept_as_is(output):
+                acts._record(name, copy_output(output, to, dtype))
+            elif output.is_inference():
+                raise ConvscopeError(
+                    "capture(copy=False) cannot verify outputs under torch.inference_mode "
+                    "(inference tensors have no version counter); use copy='auto' or True"
+                )
+            else:  # copy=False: each read checks the version counter
+                calls = acts._calls[name]
+                calls.append(output.detach())
+                acts._verify.append(_Verified(name, calls[-1], calls[-1]._version))
 
     def note_input(_module: nn.Module, inputs: tuple) -> None:
         with torch._C.DisableTorchFunction():
@@ -689,7 +693,8 @@ def capture(
                 acts.input_hw = (int(image.shape[-2]), int(image.shape[-1]))
                 acts.batch_size = int(image.shape[0])
 
-    with forward_hooks(modules, hook), _pre_hook(model, note_input):
+    with forward_hooks(modules, hook if guard is None else guarded_hook), \
+            _pre_hook(model, note_input):
         if guard is None:
             yield acts  # copy=False or copy=True: nothing to watch
             return
