@@ -499,9 +499,10 @@ class _CopyOnWrite(TorchFunctionMode):
             self._release(pointer)
 
     def protect(self, target: torch.Tensor) -> None:
-        watched = self.pending.pop(target.untyped_storage().data_ptr(), None)
+        pointer = target.untyped_storage().data_ptr()
+        watched = self.pending.pop(pointer, None)
         if watched is not None:
-            self.orphaned.discard(target.untyped_storage().data_ptr())
+            self.orphaned.discard(pointer)
             _commit_all(watched[1])
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -617,10 +618,11 @@ def capture(
       The write guard, a torch-function mode, is on the stack only while the model can
       still reach a stored output. Outputs made on another thread than the one that
       entered ``capture``, or inside a torch-function mode entered in the forward, are
-      copied at once. Inference tensors (``torch.inference_mode``) carry no version counter to prove an alias intact,
-      so they are copied at once; so are all outputs of models with PyTorch's fused
-      attention fast paths (``nn.MultiheadAttention``, ``nn.TransformerEncoder[Layer]``),
-      which an active write guard would switch to their slower, numerically different path.
+      copied at once. Inference tensors (``torch.inference_mode``) carry no version
+      counter to prove an alias intact, so they are copied at once; so are all outputs of
+      models with PyTorch's fused attention fast paths (``nn.MultiheadAttention``,
+      ``nn.TransformerEncoder[Layer]``), which an active write guard would switch to their
+      slower, numerically different path.
     - ``copy=True`` always copies at once.
     - ``copy=False`` never copies: reading an output that something rewrote in place
       raises :class:`CaptureIntegrityError` instead of showing the wrong values; under
