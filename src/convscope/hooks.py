@@ -8,6 +8,7 @@ the hook bookkeeping it is built on).
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -20,6 +21,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from .errors import ConvscopeError, close_matches
+from .flow import called_from, proven_call_sites
 from .layers import LayerSpec, first_tensor, resolve_layers
 
 ForwardHook = Callable[[str, nn.Module, tuple, Any], Any]
@@ -385,6 +387,9 @@ class _CopyOnWrite(TorchFunctionMode):
         self.orphaned: set[int] = set()  # module outputs all gone, memory still shared
         self.deferred: list[int] = []  # outputs that died while the books were open
         self.kept: list[_Verified] = []
+        # Outputs stored without the guard (see convscope.flow): (layer name, its list of
+        # calls, the index there, the stored alias, its version).
+        self.proven: list[tuple[str, list[Any], int, torch.Tensor, int]] = []
         self.corrupted: list[str] = []
         self.thread = threading.get_ident()
         self.base_depth = _stack_depth()
@@ -546,6 +551,14 @@ class _CopyOnWrite(TorchFunctionMode):
         self.kept, self.corrupted = [], []
         for entry in kept:  # no reference from the stored values back to this guard
             entry.origin = entry.calls = None
+        for name, calls, index, alias, version in self.proven:
+            if alias._version != version:
+                corrupted.append(name)
+            elif _storage_users(alias.untyped_storage()._cdata) > 2:  # alias, handle
+                calls[index] = alias.clone()  # still shared at exit (a frame kept by an
+            else:                             # exception): copy, as for the guard's outputs
+                kept.append(_Verified(name, alias, version))
+        self.proven = []
         if corrupted and not failed:
             raise CaptureIntegrityError(
                 "the output of " + ", ".join(sorted(set(corrupted))) + " was modified in place "
@@ -616,7 +629,10 @@ def capture(
       before a torch op writes to it, or at exit when anything besides convscope still
       holds its memory (the output itself, a view, a ``.detach()`` or ``.data`` alias).
       The write guard, a torch-function mode, is on the stack only while the model can
-      still reach a stored output. Outputs made on another thread than the one that
+      still reach a stored output, and not at all for outputs that the calling code
+      provably only passes to stock readers before dropping them (:mod:`convscope.flow`:
+      ResNet's ``out = self.bn1(self.conv1(x))`` pattern written over two lines, a conv
+      and its BatchNorm in an ``nn.Sequential``). Outputs made on another thread than the one that
       entered ``capture``, or inside a torch-function mode entered in the forward, are
       copied at once. Inference tensors (``torch.inference_mode``) carry no version
       counter to prove an alias intact, so they are copied at once; so are all outputs of
@@ -639,8 +655,11 @@ def capture(
     with torch._C.DisableTorchFunction():  # convscope's own call: no user mode sees it
         target = torch.device(to) if to is not None else None
     guard = None
+    proven: dict[nn.Module, Any] = {}
     if copy == "auto" and not _guard_changes_computation(model):
         guard = _CopyOnWrite()
+        # Outputs that the calling code only passes to stock readers need no guard.
+        proven = proven_call_sites(model, frozenset(modules.values()))
     eager = copy is True or (copy == "auto" and guard is None)
     on_cpu = target is not None and target.type == "cpu"
 
@@ -652,20 +671,38 @@ def capture(
             and (dtype is None or output.dtype == dtype or not output.is_floating_point())
         )
 
+    as_made = dtype is None and (target is None or on_cpu)  # no conversion but to the CPU
+    capture_thread = threading.get_ident()
+
     def guarded_hook(name: str, module: nn.Module, inputs: tuple, output: Any) -> None:
-        # copy="auto": runs once per captured call, so it is kept short. The bookkeeping's
-        # own tensor calls need not pass through any mode, hence DisableTorchFunction.
+        # copy="auto": runs once per captured call, so it is kept short. Python run between
+        # two kernels is several times slower than alone (the kernels evict its data), so
+        # the common case, an output the calling code only passes to stock readers, comes
+        # first and touches little. No torch-function mode is active there (so tensor
+        # calls dispatch directly); elsewhere the bookkeeping's own tensor calls need not
+        # pass through any mode, hence DisableTorchFunction.
+        sites = proven.get(module)
+        if (sites is not None and as_made and type(output) is torch.Tensor
+                and not _stack_depth() and (target is None or output.is_cpu)
+                and not output.is_inference() and threading.get_ident() == capture_thread
+                and called_from(sites, sys._getframe(1))):
+            calls = acts._calls[name]
+            alias = output.detach()
+            calls.append(alias)
+            guard.proven.append((name, calls, len(calls) - 1, alias, alias._version))
+            return
         modes_on = _function_state() != _ALL_DISABLED
         with _no_torch_function():
             guard.busy = True
             try:
                 if guard.deferred or guard.orphaned:
                     guard.checkpoint()
-                if (kept_as_is(output) and not output.is_inference() and modes_on
-                        and guard.activate()):
+                if not (kept_as_is(output) and not output.is_inference() and modes_on):
+                    acts._record(name, copy_output(output, to, dtype))  # converted, inference
+                elif guard.activate():
                     guard.watch(name, acts._calls[name], output)
-                else:  # converted, inference tensors, or a thread or context the write
-                    acts._record(name, copy_output(output, to, dtype))  # guard can't see
+                else:  # a thread or a context the write guard cannot see
+                    acts._record(name, copy_output(output, to, dtype))
             finally:
                 guard.busy = False
             if guard.deferred:

@@ -1,0 +1,472 @@
+"""convscope.flow: which outputs capture may store without its write guard.
+
+A proof here lets ``capture(copy="auto")`` keep a module's own output without watching the
+calls that follow. Each unsafe pattern below must be refused (and the values stay exact
+through the guard); the patterns that are proven must really be only read; a wrong proof
+must surface as an error, never as a wrong value.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from convscope import capture, flow
+from convscope.hooks import CaptureIntegrityError, _CopyOnWrite
+
+
+def _convs(model: nn.Module) -> set[nn.Module]:
+    return {m for m in model.modules() if isinstance(m, nn.Conv2d)}
+
+
+def _proven(model: nn.Module, modules: set[nn.Module]) -> set[nn.Module]:
+    return set(flow.proven_call_sites(model, frozenset(modules)))
+
+
+def _truth(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The module's output cloned the moment it is made (an independent reference)."""
+    seen = []
+    handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out.detach().clone()))
+    try:
+        with torch.no_grad():
+            model(x.clone())
+    finally:
+        handle.remove()
+    return seen[-1]
+
+
+def _captured(model: nn.Module, module: nn.Module, x: torch.Tensor, monkeypatch
+              ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(stored value, model output, outputs that went through the write guard)."""
+    watched = []
+    original = _CopyOnWrite.watch
+    monkeypatch.setattr(_CopyOnWrite, "watch",
+                        lambda self, *a: (watched.append(a[0]), original(self, *a))[1])
+    name = next(n for n, m in model.named_modules() if m is module)
+    with torch.no_grad(), capture(model, [name]) as acts:
+        out = model(x.clone())
+    monkeypatch.setattr(_CopyOnWrite, "watch", original)
+    return acts[name], out, len(watched)
+
+
+# --------------------------------------------------------------------------------------
+# Proven: the patterns of real CNNs.
+
+
+@pytest.mark.parametrize("builder", [torchvision.models.resnet18, torchvision.models.mobilenet_v3_small,
+                                     torchvision.models.regnet_y_400mf])
+def test_every_conv_of_resnet_mobilenet_regnet_is_proven_and_stored_without_the_guard(builder,
+                                                                                       monkeypatch):
+    torch.manual_seed(0)
+    model = builder().eval()
+    convs = _convs(model)
+    assert _proven(model, convs) == convs
+    watched = []
+    original = _CopyOnWrite.watch
+    monkeypatch.setattr(_CopyOnWrite, "watch",
+                        lambda self, *a: (watched.append(a[0]), original(self, *a))[1])
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        expected = model(x)
+        with capture(model, nn.Conv2d) as acts:
+            out = model(x)
+    assert watched == []
+    assert torch.equal(out, expected)
+    # Every stored value is the module's true output (independent clone-at-once hooks).
+    for name, module in model.named_modules():
+        if module in convs:
+            assert torch.equal(acts[name], _truth(model, module, x)), name
+
+
+def test_vgg_convs_are_not_proven_because_an_in_place_relu_reads_them():
+    model = torchvision.models.vgg11()
+    assert _proven(model, _convs(model)) == set()
+
+
+def test_resnet_block_sites_read_from_the_bytecode():
+    from torchvision.models.resnet import Bottleneck
+
+    sites = {reads.callee: reads.children
+             for _, reads in flow._proven_sites_in(Bottleneck.forward.__code__)}
+    # Each conv's result goes to its BatchNorm only; bn3's result is added to the identity
+    # and the downsample's result is kept as the identity: neither is proven.
+    assert sites["conv1"] == ("bn1",) and sites["conv2"] == ("bn2",) and sites["conv3"] == ("bn3",)
+    assert "bn3" not in sites and "downsample" not in sites
+
+
+# --------------------------------------------------------------------------------------
+# Refused: every way the output can still be written. Values stay exact (the guard).
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU(inplace=True)
+
+
+class AliasCopy(_Block):
+    def forward(self, x):
+        out = self.conv(x)
+        alias = out
+        alias.relu_()
+        return self.bn(out)
+
+
+class ReadThenWrite(_Block):
+    def forward(self, x):
+        out = self.conv(x)
+        y = self.bn(out)
+        out.mul_(2)
+        return y + out
+
+
+class InplaceReader(_Block):
+    def forward(self, x):
+        out = self.conv(x)
+        out = self.act(out)
+        return self.bn(out)
+
+
+class Branch(_Block):
+    flag = True
+
+    def forward(self, x):
+        out = self.conv(x)
+        if self.flag:
+            out.clamp_(min=0)
+        out = self.bn(out)
+        return out
+
+
+class BranchSkipsKill(_Block):
+    """Straight-line reading would see ``out`` read by ``bn`` and rebound; the branch can
+    skip both, and then the conv output is written."""
+
+    flag = False
+
+    def forward(self, x):
+        out = self.conv(x)
+        if self.flag:
+            out = self.bn(out)
+        out.relu_()
+        return out
+
+
+class DataAlias(_Block):
+    def forward(self, x):
+        out = self.conv(x)
+        raw = out.data
+        y = self.bn(out)
+        raw.mul_(3)
+        return y
+
+
+class TwoArguments(_Block):
+    def forward(self, x):
+        out = self.conv(x)
+        out = self.combine(out, x)
+        return self.bn(out)
+
+    def combine(self, a, b):
+        return a.add_(b.mean())
+
+
+class TryHandler(_Block):
+    def forward(self, x):
+        try:
+            out = self.conv(x)
+            out = self.bn(out)
+        except RuntimeError:
+            out = x
+        return out
+
+
+class HelperMethodWrites(_Block):
+    def forward(self, x):
+        out = self.conv(x)
+        out = self.helper(out)
+        return out
+
+    def helper(self, value):
+        return value.sub_(1)
+
+
+class ViaGetattr(_Block):
+    def forward(self, x):
+        out = getattr(self, "conv")(x)  # noqa: B009 - the pattern under test
+        out.relu_()
+        return self.bn(out)
+
+
+class WritingBatchNorm(nn.BatchNorm2d):
+    def forward(self, x):
+        x.relu_()
+        return super().forward(x)
+
+
+class SubclassReader(_Block):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = WritingBatchNorm(4)
+
+    def forward(self, x):
+        out = self.conv(x)
+        out = self.bn(out)
+        return out
+
+
+class PropertyReader(_Block):
+    """``self.bn`` is a property: the registered child is not what the code calls."""
+
+    @property
+    def bn(self):  # type: ignore[override]
+        return self.act
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.add_module("bn", nn.BatchNorm2d(4))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.conv(x)
+        out = self.bn(out)
+        return out * 1.0
+
+
+class ReboundSelf(_Block):
+    def forward(self, x):
+        out = self.conv(x)
+        out = self.bn(out)
+        self = self.act  # the pattern under test
+        return self(out)
+
+
+REFUSED = [AliasCopy, ReadThenWrite, InplaceReader, Branch, BranchSkipsKill, DataAlias, TwoArguments,
+           TryHandler, HelperMethodWrites, ViaGetattr, SubclassReader, PropertyReader,
+           ReboundSelf]
+
+
+@pytest.mark.parametrize("kind", REFUSED, ids=lambda k: k.__name__)
+def test_unsafe_patterns_are_refused_and_values_stay_exact(kind, monkeypatch):
+    torch.manual_seed(0)
+    model = kind().eval()
+    model._modules["bn"].running_mean.uniform_(-1, 1)  # BatchNorm is not an identity
+    x = torch.randn(2, 3, 8, 6)
+    assert model.conv not in _proven(model, {model.conv}), kind.__name__
+    with torch.no_grad():
+        expected = model(x.clone())
+    stored, out, _ = _captured(model, model.conv, x, monkeypatch)
+    assert torch.equal(out, expected)
+    assert torch.equal(stored, _truth(model, model.conv, x))
+
+
+class Plain(_Block):
+    def forward(self, x):
+        out = self.conv(x)
+        out = self.bn(out)
+        return self.act(out)
+
+
+def test_the_plain_pattern_is_proven_and_each_hook_condition_refuses_it(monkeypatch):
+    model = Plain().eval()
+    assert _proven(model, {model.conv}) == {model.conv}
+    stored, _, watched = _captured(model, model.conv, torch.randn(1, 3, 5, 5), monkeypatch)
+    assert watched == 0
+
+    # A hook on the reader (it could write its input), or on the captured module itself.
+    handle = model.bn.register_forward_pre_hook(lambda _m, inputs: inputs[0].mul_(2))
+    try:
+        assert _proven(model, {model.conv}) == set()
+        x = torch.randn(1, 3, 5, 5)
+        stored, _, watched = _captured(model, model.conv, x, monkeypatch)
+        assert watched == 1
+        handle.remove()
+        assert torch.equal(stored, _truth(model, model.conv, x))
+    finally:
+        handle.remove()
+    handle = model.conv.register_forward_hook(lambda *_: None)
+    try:
+        assert _proven(model, {model.conv}) == set()
+    finally:
+        handle.remove()
+
+    # A global module hook: nothing is proven.
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *_: None)
+    try:
+        assert _proven(model, {model.conv}) == set()
+    finally:
+        handle.remove()
+
+    # A reader made in-place, or the module registered in two parents.
+    model.bn = nn.ReLU(inplace=True)
+    assert _proven(model, {model.conv}) == set()
+    model.bn = nn.BatchNorm2d(4)
+    holder = nn.Sequential(model.conv)
+    wrapper = nn.ModuleList([model, holder])
+    assert _proven(wrapper, {model.conv}) == set()
+
+
+def test_a_module_shared_by_two_parents_is_not_proven():
+    """Two blocks of one class share a conv; the second's reader writes in place. The
+    code and offset of the call are the same in both, so only the parent could tell."""
+    first, second = Plain().eval(), Plain().eval()
+    second.conv = first.conv
+    first.bn = nn.ReLU(inplace=True)
+    model = nn.Sequential(first, second)
+    for parents in (model, nn.Sequential(second, first)):  # either parent met first
+        assert _proven(parents, {first.conv}) == set()
+    x = torch.randn(1, 3, 5, 5)
+    truth = []
+    handle = first.conv.register_forward_hook(lambda _m, _i, o: truth.append(o.detach().clone()))
+    with torch.no_grad():
+        first(x)
+        second(x)
+    handle.remove()
+    with torch.no_grad(), capture(model, ["0.conv"]) as acts:
+        first(x)
+        second(x)
+    stored = acts.calls("0.conv")
+    assert len(stored) == 2 and all(torch.equal(a, b) for a, b in zip(stored, truth))
+
+
+def test_sequential_next_child_must_be_a_stock_reader():
+    conv_a, conv_b, conv_c = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+    seq = nn.Sequential(conv_a, nn.BatchNorm2d(3), conv_b, nn.ReLU(inplace=True), conv_c)
+    assert _proven(seq, {conv_a, conv_b, conv_c}) == {conv_a}  # conv_c is last: returned
+
+    class Reordered(nn.Sequential):
+        def __iter__(self):
+            return reversed(list(self._modules.values()))
+
+    assert _proven(Reordered(conv_a, nn.BatchNorm2d(3)), {conv_a}) == set()
+
+
+def _count_proven(monkeypatch) -> list[int]:
+    counts: list[int] = []
+    original = _CopyOnWrite.settle
+    monkeypatch.setattr(_CopyOnWrite, "settle",
+                        lambda self, failed: (counts.append(len(self.proven)),
+                                              original(self, failed))[1])
+    return counts
+
+
+def test_a_forward_on_another_thread_copies_at_once(monkeypatch):
+    model = Plain().eval()
+    x = torch.randn(1, 3, 5, 5)
+    counts = _count_proven(monkeypatch)
+    with torch.no_grad(), capture(model, ["conv"]) as acts:
+        model(x.clone())
+    assert counts == [1]
+    with torch.no_grad(), capture(model, ["conv"]) as acts:
+        worker = threading.Thread(target=lambda: model(x.clone()))
+        worker.start()
+        worker.join()
+    assert counts == [1, 0]
+    assert torch.equal(acts["conv"], _truth(model, model.conv, x))
+
+
+class TwoSites(_Block):
+    """The same conv called at a proven site and at one whose result is written."""
+
+    def forward(self, x):
+        out = self.conv(x)
+        out = self.bn(out)
+        again = self.conv(x + 1)
+        again.relu_()
+        return out + again
+
+
+def test_only_calls_from_a_proven_site_skip_the_guard(monkeypatch):
+    model = TwoSites().eval()
+    assert _proven(model, {model.conv}) == {model.conv}
+    x = torch.randn(1, 3, 5, 5)
+    truth = []
+    handle = model.conv.register_forward_hook(lambda _m, _i, o: truth.append(o.detach().clone()))
+    with torch.no_grad():
+        expected = model(x)
+    handle.remove()
+    counts = _count_proven(monkeypatch)
+    with torch.no_grad(), capture(model, ["conv"]) as acts:
+        out = model(x)
+    assert counts == [1]
+    assert torch.equal(out, expected)
+    stored = acts.calls("conv")
+    assert len(stored) == 2 and all(torch.equal(a, b) for a, b in zip(stored, truth))
+
+
+def test_user_mode_around_the_capture_turns_proofs_off(monkeypatch):
+    """Under any torch-function mode the output goes through the guard path."""
+    from torch.overrides import TorchFunctionMode
+
+    class Counting(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Counting.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    model = Plain().eval()
+    x = torch.randn(1, 3, 5, 5)
+    with Counting():
+        stored, _, watched = _captured(model, model.conv, x, monkeypatch)
+    assert watched == 1
+    assert torch.equal(stored, _truth(model, model.conv, x))
+
+
+def test_an_exception_that_keeps_the_frame_alive_leaves_a_private_copy():
+    """A reader raises while the output is still bound in the caller's frame: the stored
+    value is copied at exit, so writing the frame's tensor later does not reach it."""
+    model = Plain().train()  # BatchNorm in training on one value per channel raises
+    x = torch.randn(1, 3, 1, 1)
+    with pytest.raises(ValueError, match="more than 1 value") as excinfo, \
+            capture(model, ["conv"]) as acts:
+        model(x)
+    frame_out = None
+    tb = excinfo.tb
+    while tb is not None:
+        if tb.tb_frame.f_code is Plain.forward.__code__:
+            frame_out = tb.tb_frame.f_locals["out"]
+        tb = tb.tb_next
+    assert frame_out is not None
+    truth = frame_out.detach().clone()
+    frame_out.detach().add_(100)
+    assert torch.equal(acts["conv"], truth)
+
+
+class Writer(nn.Module):
+    """Not a reader: it writes its input in place."""
+
+    def forward(self, x):
+        return x.mul_(5)
+
+
+class WriterBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.write = Writer()
+
+    def forward(self, x):
+        out = self.conv(x)
+        out = self.write(out)
+        return out
+
+
+def test_a_wrong_proof_is_reported_never_a_wrong_value(monkeypatch):
+    """If the list of stock readers were wrong, the stored alias's version counter would
+    show the write: capture raises instead of returning the rewritten values."""
+    model = WriterBlock()
+    assert _proven(model, {model.conv}) == set()
+    monkeypatch.setattr(flow, "_STOCK_FORWARDS", flow._STOCK_FORWARDS | {Writer.forward})
+    flow._class_sites.cache_clear()
+    assert _proven(model, {model.conv}) == {model.conv}
+    with pytest.raises(CaptureIntegrityError, match="conv"), torch.no_grad(), \
+            capture(model, ["conv"]):
+        model(torch.randn(1, 3, 4, 4))
