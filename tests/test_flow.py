@@ -470,3 +470,105 @@ def test_a_wrong_proof_is_reported_never_a_wrong_value(monkeypatch):
     with pytest.raises(CaptureIntegrityError, match="conv"), torch.no_grad(), \
             capture(model, ["conv"]):
         model(torch.randn(1, 3, 4, 4))
+
+
+# --------------------------------------------------------------------------------------
+# Custom captured modules: proven sites, and each output shown fresh when stored.
+
+
+class PaddedConv(nn.Conv2d):
+    """Like EfficientNet-Lite's ``Conv2dStaticSamePadding``: its own forward, a new output."""
+
+    def forward(self, x):
+        x = nn.functional.pad(x, (1, 1, 1, 1))
+        return nn.functional.conv2d(x, self.weight, self.bias)
+
+
+class KeepsOutput(nn.Conv2d):
+    """Keeps its last output and rewrites it at the next call."""
+
+    def forward(self, x):
+        if getattr(self, "last", None) is not None:
+            self.last.zero_()
+        self.last = super().forward(x)
+        return self.last
+
+
+class KeepsDataAlias(nn.Conv2d):
+    """Keeps a ``.data`` alias (no shared version counter) and rewrites it later."""
+
+    def forward(self, x):
+        if getattr(self, "last", None) is not None:
+            self.last.fill_(7.0)
+        out = super().forward(x)
+        self.last = out.data
+        return out
+
+
+class ReturnsItsBuffer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("state", torch.zeros(1, 4, 5, 5))
+
+    def forward(self, x):
+        return self.state.add_(x.mean())
+
+
+class CustomBlock(nn.Module):
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        out = self.conv(x)
+        out = self.bn(out)
+        again = out[:, :3].contiguous()
+        out = self.conv(again)
+        out = self.bn(out)
+        return out
+
+
+def _calls_and_truth(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    truth: list[torch.Tensor] = []
+    handle = model.conv.register_forward_hook(lambda _m, _i, o: truth.append(o.detach().clone()))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return truth
+
+
+@pytest.mark.parametrize(("conv", "stored_without_guard"), [
+    (PaddedConv(3, 4, 3), 2), (KeepsOutput(3, 4, 3, padding=1), 0),
+    (KeepsDataAlias(3, 4, 3, padding=1), 0), (ReturnsItsBuffer(), 0),
+], ids=["fresh", "keeps-output", "keeps-data-alias", "returns-buffer"])
+def test_custom_modules_skip_the_guard_only_for_fresh_outputs(conv, stored_without_guard,
+                                                             monkeypatch):
+    model = CustomBlock(conv).eval()
+    assert _proven(model, {model.conv}) == {model.conv}  # the call sites qualify
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 5, 5)
+    truth = _calls_and_truth(model, x.clone())
+    if hasattr(conv, "last"):
+        conv.last = None
+    else:
+        conv._buffers.get("state", torch.zeros(0)).zero_()
+    counts = _count_proven(monkeypatch)
+    with torch.no_grad(), capture(model, ["conv"]) as acts:
+        model(x.clone())
+    assert counts == [stored_without_guard]
+    stored = acts.calls("conv")
+    assert len(stored) == 2 and all(torch.equal(a, b) for a, b in zip(stored, truth))
+
+
+def test_the_bundled_models_block_convs_are_proven():
+    from convscope.models import load_model
+
+    model = load_model("efficientnet_lite0", device="cpu").module
+    convs = _convs(model)
+    proven = _proven(model, convs)
+    # The stem and head convs are read through nested calls (self._bn0(self._conv_stem(x))),
+    # which are not recognised; every block conv is.
+    assert proven == convs - {model._conv_stem, model._conv_head}

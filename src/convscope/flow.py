@@ -13,8 +13,10 @@ by ``out = self.bn1(out)`` and dropped. This module recognises that case:
 - every such reader is a stock PyTorch module known to read its input and return a new
   tensor (a conv, a norm, a pooling, a non-in-place activation), with no hooks but
   convscope's own and no global module hooks;
-- the module that made the output is a stock one too: it allocates its output and keeps
-  no reference to it.
+- the module that made the output is registered in one parent and has no hooks; a stock
+  one allocates its output and keeps no reference to it, any other one's output is shown
+  fresh when it is stored (``capture`` compares its reference count with that of a fresh
+  object seen the same way, and nothing else shares its memory).
 
 Anything else (another pattern, a custom reader, a closure, a loop) is not proven and goes
 through the write guard. The reading of the bytecode is cached per code object and call
@@ -193,19 +195,23 @@ def _no_global_hooks() -> bool:
                 or _module_internals._global_backward_pre_hooks)
 
 
+def _unhooked(module: nn.Module) -> bool:
+    """No hooks of its own, no forward set on the instance, not in place."""
+    state = module.__dict__  # plain dict reads: a missing attribute would cost a raise
+    return (
+        "forward" not in state
+        and not state.get("inplace", False)
+        and not state.get("_forward_pre_hooks")
+        and not state.get("_forward_hooks")
+        and not state.get("_backward_hooks")
+        and not state.get("_backward_pre_hooks")
+    )
+
+
 def stock_module(module: nn.Module) -> bool:
     """A stock reader with its stock forward and no hooks (checked before convscope
     registers its own)."""
-    state = module.__dict__  # plain dict reads: a missing attribute would cost a raise
-    return (
-        type(module).forward in _STOCK_FORWARDS
-        and "forward" not in state
-        and not state.get("inplace", False)
-        and not state.get("_forward_pre_hooks")
-        and not state.get("_backward_hooks")
-        and not state.get("_backward_pre_hooks")
-        and not state.get("_forward_hooks")
-    )
+    return type(module).forward in _STOCK_FORWARDS and _unhooked(module)
 
 
 @functools.lru_cache(maxsize=512)
@@ -243,15 +249,25 @@ def _method_codes(kind: type) -> list[CodeType]:
 Sites = dict[tuple[int, int], CodeType]
 
 
-def proven_call_sites(root: nn.Module, hooked: frozenset[nn.Module]) -> dict[nn.Module, Sites]:
+class Proven(NamedTuple):
+    """A hooked module's proven call sites; ``check_fresh``: its class is not a stock one,
+    so each output must also be shown fresh when it is stored (see ``capture``)."""
+
+    sites: Sites
+    check_fresh: bool
+
+
+def proven_call_sites(root: nn.Module, hooked: frozenset[nn.Module]) -> dict[nn.Module, Proven]:
     """For each hooked module, the call sites in its parent's code after which nothing can
     write its output: only stock readers read it before it is dropped.
 
-    Checked when ``capture`` starts. A module qualifies when it is a stock one registered
-    in exactly one parent, and a site when it calls ``self.<that child's name>(...)``:
+    Checked when ``capture`` starts. A module qualifies when it is registered in exactly
+    one parent and has no hooks, and a site when it calls ``self.<that child's name>(...)``:
     then the code running at that site is the parent's own, so the readers checked here
-    are the ones that run. At each call the hook only compares its caller's code and
-    offset with these (:func:`called_from`).
+    are the ones that run. A stock module makes a new output and keeps no reference to it;
+    any other module's output must be shown fresh at each call (no other reference to the
+    tensor, no other tensor on its memory). At each call the hook compares its caller's
+    code and offset with these (:func:`called_from`).
     """
     if not _no_global_hooks():
         return {}
@@ -267,21 +283,23 @@ def proven_call_sites(root: nn.Module, hooked: frozenset[nn.Module]) -> dict[nn.
             if id(child) not in seen:
                 seen.add(id(child))
                 stack.append(child)
-    proven: dict[nn.Module, Sites] = {}
+    proven: dict[nn.Module, Proven] = {}
     by_parent: dict[int, dict[str, Sites]] = {}
     for child, places in parents.items():
-        if len(places) != 1 or not stock_module(child):
+        if len(places) != 1 or not _unhooked(child):
             continue  # registered twice (shared): its caller is ambiguous
+        check_fresh = type(child).forward not in _STOCK_FORWARDS
         parent, attribute = places[0]
         if isinstance(parent, nn.Sequential):
             if _next_in_sequence_reads(parent, child):
-                proven[child] = {(id(_SEQUENTIAL_CODE), _SEQUENTIAL_CALL): _SEQUENTIAL_CODE}
+                proven[child] = Proven(
+                    {(id(_SEQUENTIAL_CODE), _SEQUENTIAL_CALL): _SEQUENTIAL_CODE}, check_fresh)
             continue
         sites = by_parent.get(id(parent))
         if sites is None:
             sites = by_parent[id(parent)] = _sites_of(parent)
         if attribute in sites and _child(parent, attribute) is child:
-            proven[child] = sites[attribute]
+            proven[child] = Proven(sites[attribute], check_fresh)
     return proven
 
 

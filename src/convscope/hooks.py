@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from .errors import ConvscopeError, close_matches
-from .flow import called_from, proven_call_sites
+from .flow import Proven, called_from, proven_call_sites
 from .layers import LayerSpec, first_tensor, resolve_layers
 
 ForwardHook = Callable[[str, nn.Module, tuple, Any], Any]
@@ -587,6 +587,25 @@ def _pre_hook(module: nn.Module, hook: Callable[[nn.Module, tuple], None]) -> It
         handle.remove()
 
 
+class _Probe(nn.Module):
+    def forward(self) -> object:
+        return object()
+
+
+def _fresh_output_refs() -> int:
+    """How many references a forward hook sees to an output nobody else holds (counted
+    as ``capture``'s hook counts them: through ``forward_hooks`` and ``nn.Module``'s call,
+    ``sys.getrefcount`` of the hook's own argument). Measured here, not assumed: it
+    depends on the Python and torch versions."""
+    seen: list[int] = []
+    probe = _Probe()
+    with forward_hooks({"probe": probe},
+                       lambda _name, _module, _inputs, output: seen.append(
+                           sys.getrefcount(output))):
+        probe()
+    return seen[0]
+
+
 # Modules whose forward picks a fused fast path only when no torch-function mode is
 # active (``torch.overrides.has_torch_function``): under the write guard they would take
 # their slower, numerically different path, so capture copies at once for such models.
@@ -655,11 +674,14 @@ def capture(
     with torch._C.DisableTorchFunction():  # convscope's own call: no user mode sees it
         target = torch.device(to) if to is not None else None
     guard = None
-    proven: dict[nn.Module, Any] = {}
+    proven: dict[nn.Module, Proven] = {}
+    fresh_refs = -1
     if copy == "auto" and not _guard_changes_computation(model):
         guard = _CopyOnWrite()
         # Outputs that the calling code only passes to stock readers need no guard.
         proven = proven_call_sites(model, frozenset(modules.values()))
+        if any(entry.check_fresh for entry in proven.values()):
+            fresh_refs = _fresh_output_refs()
     eager = copy is True or (copy == "auto" and guard is None)
     on_cpu = target is not None and target.type == "cpu"
 
@@ -681,11 +703,14 @@ def capture(
         # first and touches little. No torch-function mode is active there (so tensor
         # calls dispatch directly); elsewhere the bookkeeping's own tensor calls need not
         # pass through any mode, hence DisableTorchFunction.
-        sites = proven.get(module)
-        if (sites is not None and as_made and type(output) is torch.Tensor
+        entry = proven.get(module)
+        if (entry is not None and as_made and type(output) is torch.Tensor
                 and not _stack_depth() and (target is None or output.is_cpu)
                 and not output.is_inference() and threading.get_ident() == capture_thread
-                and called_from(sites, sys._getframe(1))):
+                and called_from(entry.sites, sys._getframe(1))
+                and (not entry.check_fresh or (  # a custom module: nobody else holds it
+                    sys.getrefcount(output) == fresh_refs
+                    and _storage_users(output.untyped_storage()._cdata) == 2))):
             calls = acts._calls[name]
             alias = output.detach()
             calls.append(alias)
