@@ -98,6 +98,35 @@ def test_resnet_block_sites_read_from_the_bytecode():
     assert "bn3" not in sites and "downsample" not in sites
 
 
+class _Calls:
+    """Call shapes around a nested call, read from the bytecode only."""
+
+    def nested(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+    def added(self, x):
+        return self.x + self.conv(x)
+
+    def second_argument(self, x):
+        return torch.add(self.x, self.conv(x))
+
+    def attribute_chain(self, x):
+        return self.a.b(self.conv(x))
+
+    def keyword(self, x):
+        return self.bn(input=self.conv(x))
+
+
+@pytest.mark.parametrize(("method", "expected"), [
+    ("nested", ("bn",)), ("added", None), ("second_argument", None),
+    ("attribute_chain", None), ("keyword", None),
+])
+def test_a_result_passed_straight_to_a_reader(method, expected):
+    sites = {reads.callee: reads.children
+             for _, reads in flow._proven_sites_in(getattr(_Calls, method).__code__)}
+    assert sites.get("conv") == expected
+
+
 # --------------------------------------------------------------------------------------
 # Refused: every way the output can still be written. Values stay exact (the guard).
 
@@ -563,12 +592,10 @@ def test_custom_modules_skip_the_guard_only_for_fresh_outputs(conv, stored_witho
     assert len(stored) == 2 and all(torch.equal(a, b) for a, b in zip(stored, truth))
 
 
-def test_the_bundled_models_block_convs_are_proven():
+def test_every_conv_of_the_bundled_model_is_proven():
     from convscope.models import load_model
 
     model = load_model("efficientnet_lite0", device="cpu").module
     convs = _convs(model)
-    proven = _proven(model, convs)
-    # The stem and head convs are read through nested calls (self._bn0(self._conv_stem(x))),
-    # which are not recognised; every block conv is.
-    assert proven == convs - {model._conv_stem, model._conv_head}
+    # Block convs are read as in ResNet; the stem and head as self._bn0(self._conv_stem(x)).
+    assert _proven(model, convs) == convs

@@ -9,7 +9,8 @@ by ``out = self.bn1(out)`` and dropped. This module recognises that case:
 - the caller stores the module's result in a local variable and, in straight-line code
   that no exception handler covers, passes that variable only as the sole argument of
   calls ``self.<child>(var)`` until the variable is rebound or the function returns; or
-  the caller is ``nn.Sequential``'s own loop and the next child reads it;
+  passes the result straight to one such call (``self.bn(self.conv(x))``); or the caller
+  is ``nn.Sequential``'s own loop and the next child reads it;
 - every such reader is a stock PyTorch module known to read its input and return a new
   tensor (a conv, a norm, a pooling, a non-in-place activation), with no hooks but
   convscope's own and no global module hooks;
@@ -126,6 +127,23 @@ def _method_call_before(ops: tuple[_Op, ...], at: int) -> tuple[str, str] | None
     return str(ops[at - 3].value), str(ops[at - 2].value)
 
 
+def _enclosing_reader(ops: tuple[_Op, ...], at: int, owner: str) -> tuple[str, int] | None:
+    """``(reader, offset of its call)`` when the call ending at ``ops[at]`` is the sole
+    argument of an enclosing ``<owner>.<reader>(...)``, as in ``self.bn(self.conv(x))``:
+    the reader was loaded just before this call began and is called with one argument
+    right after it ends, so that argument is this call's result and nothing else sees it."""
+    start = at - 1 if ops[at - 1].name == "PRECALL" else at
+    start -= 3  # LOAD_FAST owner, LOAD_ATTR callee, LOAD_FAST argument
+    after = at + 1
+    if after < len(ops) and ops[after].name == "PRECALL":
+        after += 1
+    if (start < 2 or after >= len(ops) or not _is_call(ops[after])
+            or ops[start - 1].name not in _ATTRIBUTE_LOADS or ops[start - 2].name != "LOAD_FAST"
+            or ops[start - 2].value != owner):
+        return None
+    return str(ops[start - 1].value), ops[after].offset
+
+
 @functools.lru_cache(maxsize=4096)
 def call_site_reads(code: CodeType, offset: int) -> Reads | None:
     """Read the bytecode after the call at ``offset``: the readers of its result, or None
@@ -137,6 +155,12 @@ def call_site_reads(code: CodeType, offset: int) -> Reads | None:
     called = _method_call_before(ops, at)
     if called is None:
         return None
+    nested = _enclosing_reader(ops, at, called[0])
+    if nested is not None:
+        reader, end = nested
+        if any(start <= end and offset < stop for start, stop in handlers):
+            return None
+        return Reads(called[0], called[1], (reader,))
     store = ops[at + 1]
     if store.name != "STORE_FAST":
         return None
