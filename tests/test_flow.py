@@ -239,6 +239,26 @@ class WritingBatchNorm(nn.BatchNorm2d):
         return super().forward(x)
 
 
+class ConvWritingItsInput(nn.Conv2d):
+    """Keeps the stock ``forward`` and replaces what it calls."""
+
+    def _conv_forward(self, x, weight, bias):
+        x.relu_()
+        return super()._conv_forward(x, weight, bias)
+
+
+class SubclassKeepsForward(_Block):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.reader = ConvWritingItsInput(4, 4, 1)
+
+    def forward(self, x):
+        out = self.conv(x)
+        out = self.reader(out)
+        return self.bn(out)
+
+
 class SubclassReader(_Block):
     def __init__(self) -> None:
         super().__init__()
@@ -278,7 +298,8 @@ class ReboundSelf(_Block):
 
 
 REFUSED = [AliasCopy, ReadThenWrite, InplaceReader, Branch, BranchSkipsKill, DataAlias, TwoArguments,
-           TryHandler, HelperMethodWrites, ViaGetattr, SubclassReader, PropertyReader,
+           TryHandler, HelperMethodWrites, ViaGetattr, SubclassReader, SubclassKeepsForward,
+           PropertyReader,
            ReboundSelf]
 
 
@@ -493,7 +514,7 @@ def test_a_wrong_proof_is_reported_never_a_wrong_value(monkeypatch):
     show the write: capture raises instead of returning the rewritten values."""
     model = WriterBlock()
     assert _proven(model, {model.conv}) == set()
-    monkeypatch.setattr(flow, "_STOCK_FORWARDS", flow._STOCK_FORWARDS | {Writer.forward})
+    monkeypatch.setattr(flow, "_READER_TYPES", flow._READER_TYPES | {Writer})
     flow._class_sites.cache_clear()
     assert _proven(model, {model.conv}) == {model.conv}
     with pytest.raises(CaptureIntegrityError, match="conv"), torch.no_grad(), \
@@ -599,3 +620,40 @@ def test_every_conv_of_the_bundled_model_is_proven():
     convs = _convs(model)
     # Block convs are read as in ResNet; the stem and head as self._bn0(self._conv_stem(x)).
     assert _proven(model, convs) == convs
+
+
+def _reader_instance(kind: type[nn.Module]) -> tuple[nn.Module, torch.Tensor]:
+    """A small instance of a stock reader and an input of the right shape."""
+    name = kind.__name__
+    dims = 1 if name.endswith("1d") else 3 if name.endswith("3d") else 2
+    spatial = (5,) * dims
+    if name.startswith("ConvTranspose") or name.startswith("Conv"):
+        return kind(4, 4, 3, padding=1), torch.randn(2, 4, *spatial)
+    if name.startswith("BatchNorm") or name.startswith("InstanceNorm"):
+        return kind(4, track_running_stats=True), torch.randn(2, 4, *spatial)
+    if name in ("MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d"):
+        return kind(1, 1), torch.randn(2, 4, *spatial)  # the pool that changes nothing
+    if name == "GroupNorm":
+        return kind(2, 4), torch.randn(2, 4, 5, 5)
+    if name == "LayerNorm":
+        return kind(5), torch.randn(2, 4, 5)
+    if name == "Linear":
+        return kind(5, 5), torch.randn(2, 5)
+    return kind(), torch.randn(2, 4, 5, 5)  # activations, not in place
+
+
+@pytest.mark.parametrize("kind", flow._READERS, ids=lambda k: k.__name__)
+def test_stock_readers_return_new_memory_and_leave_their_input_alone(kind):
+    """What the proof assumes of every stock reader, in eval and training, with and
+    without grad: the result shares no memory with the input, which is not written."""
+    module, x = _reader_instance(kind)
+    for training in (False, True):
+        module.train(training)
+        for grad in (False, True):
+            value = x.clone().requires_grad_(grad)
+            before = value.detach().clone()
+            version = value._version
+            with torch.set_grad_enabled(grad):
+                out = module(value)
+            assert out.untyped_storage().data_ptr() != value.untyped_storage().data_ptr()
+            assert value._version == version and torch.equal(value.detach(), before)

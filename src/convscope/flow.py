@@ -53,7 +53,9 @@ _READERS: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.ELU, nn.SiLU, nn.Hardswish,
     nn.Hardsigmoid, nn.Mish, nn.GELU, nn.Sigmoid, nn.Tanh,
 )
-_STOCK_FORWARDS = frozenset(cls.forward for cls in _READERS)
+# Exact classes: a subclass may keep ``forward`` and replace what it calls
+# (``Conv2d._conv_forward``, ``_BatchNorm._check_input_dim``).
+_READER_TYPES = frozenset(_READERS)
 
 _CALLS = frozenset({"CALL", "CALL_FUNCTION", "CALL_METHOD"})
 _ATTRIBUTE_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
@@ -233,9 +235,9 @@ def _unhooked(module: nn.Module) -> bool:
 
 
 def stock_module(module: nn.Module) -> bool:
-    """A stock reader with its stock forward and no hooks (checked before convscope
-    registers its own)."""
-    return type(module).forward in _STOCK_FORWARDS and _unhooked(module)
+    """A stock reader (its exact class) with no hooks (checked before convscope registers
+    its own)."""
+    return type(module) in _READER_TYPES and _unhooked(module)
 
 
 @functools.lru_cache(maxsize=512)
@@ -312,7 +314,7 @@ def proven_call_sites(root: nn.Module, hooked: frozenset[nn.Module]) -> dict[nn.
     for child, places in parents.items():
         if len(places) != 1 or not _unhooked(child):
             continue  # registered twice (shared): its caller is ambiguous
-        check_fresh = type(child).forward not in _STOCK_FORWARDS
+        check_fresh = type(child) not in _READER_TYPES
         parent, attribute = places[0]
         if isinstance(parent, nn.Sequential):
             if _next_in_sequence_reads(parent, child):
