@@ -650,9 +650,9 @@ def capture(
       The write guard, a torch-function mode, is on the stack only while the model can
       still reach a stored output, and not at all for outputs that the calling code
       provably only passes to stock readers before dropping them (:mod:`convscope.flow`:
-      ResNet's ``out = self.bn1(self.conv1(x))`` pattern written over two lines, a conv
-      and its BatchNorm in an ``nn.Sequential``). Outputs made on another thread than the one that
-      entered ``capture``, or inside a torch-function mode entered in the forward, are
+      ResNet's ``out = self.conv1(x)`` followed by ``out = self.bn1(out)``, a conv and
+      its BatchNorm in an ``nn.Sequential``). Outputs made on another thread than the one
+      that entered ``capture``, or inside a torch-function mode entered in the forward, are
       copied at once. Inference tensors (``torch.inference_mode``) carry no version
       counter to prove an alias intact, so they are copied at once; so are all outputs of
       models with PyTorch's fused attention fast paths (``nn.MultiheadAttention``,
