@@ -9,6 +9,7 @@ must surface as an error, never as a wrong value.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -27,25 +28,42 @@ def _proven(model: nn.Module, modules: set[nn.Module]) -> set[nn.Module]:
     return set(flow.proven_call_sites(model, frozenset(modules)))
 
 
-def _truth(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The module's output cloned the moment it is made (an independent reference)."""
-    seen = []
+def _every_output(module: nn.Module, run: Callable[[], object]) -> list[torch.Tensor]:
+    """Each output of ``module`` while ``run()`` runs (no grad), cloned the moment it is
+    made: an independent reference."""
+    seen: list[torch.Tensor] = []
     handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out.detach().clone()))
     try:
         with torch.no_grad():
-            model(x.clone())
+            run()
     finally:
         handle.remove()
-    return seen[-1]
+    return seen
+
+
+def _truth(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The module's last output in ``model(x)``, cloned the moment it is made."""
+    return _every_output(module, lambda: model(x.clone()))[-1]
+
+
+def _assert_same_calls(stored: list[torch.Tensor], truth: list[torch.Tensor]) -> None:
+    assert len(stored) == len(truth) and all(torch.equal(a, b) for a, b in zip(stored, truth))
+
+
+def _count_watched(monkeypatch) -> list[str]:
+    """Names of the outputs that go through the write guard from now on."""
+    watched: list[str] = []
+    original = _CopyOnWrite.watch
+    monkeypatch.setattr(_CopyOnWrite, "watch",
+                        lambda self, *a: (watched.append(a[0]), original(self, *a))[1])
+    return watched
 
 
 def _captured(model: nn.Module, module: nn.Module, x: torch.Tensor, monkeypatch
               ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(stored value, model output, outputs that went through the write guard)."""
-    watched = []
     original = _CopyOnWrite.watch
-    monkeypatch.setattr(_CopyOnWrite, "watch",
-                        lambda self, *a: (watched.append(a[0]), original(self, *a))[1])
+    watched = _count_watched(monkeypatch)
     name = next(n for n, m in model.named_modules() if m is module)
     with torch.no_grad(), capture(model, [name]) as acts:
         out = model(x.clone())
@@ -65,10 +83,7 @@ def test_every_conv_of_resnet_mobilenet_regnet_is_proven_and_stored_without_the_
     model = builder().eval()
     convs = _convs(model)
     assert _proven(model, convs) == convs
-    watched = []
-    original = _CopyOnWrite.watch
-    monkeypatch.setattr(_CopyOnWrite, "watch",
-                        lambda self, *a: (watched.append(a[0]), original(self, *a))[1])
+    watched = _count_watched(monkeypatch)
     x = torch.randn(2, 3, 64, 48)
     with torch.no_grad():
         expected = model(x)
@@ -373,17 +388,12 @@ def test_a_module_shared_by_two_parents_is_not_proven():
     for parents in (model, nn.Sequential(second, first)):  # either parent met first
         assert _proven(parents, {first.conv}) == set()
     x = torch.randn(1, 3, 5, 5)
-    truth = []
-    handle = first.conv.register_forward_hook(lambda _m, _i, o: truth.append(o.detach().clone()))
-    with torch.no_grad():
-        first(x)
-        second(x)
-    handle.remove()
+    truth = _every_output(first.conv, lambda: (first(x), second(x)))
+    assert len(truth) == 2
     with torch.no_grad(), capture(model, ["0.conv"]) as acts:
         first(x)
         second(x)
-    stored = acts.calls("0.conv")
-    assert len(stored) == 2 and all(torch.equal(a, b) for a, b in zip(stored, truth))
+    _assert_same_calls(acts.calls("0.conv"), truth)
 
 
 def test_sequential_next_child_must_be_a_stock_reader():
@@ -437,18 +447,15 @@ def test_only_calls_from_a_proven_site_skip_the_guard(monkeypatch):
     model = TwoSites().eval()
     assert _proven(model, {model.conv}) == {model.conv}
     x = torch.randn(1, 3, 5, 5)
-    truth = []
-    handle = model.conv.register_forward_hook(lambda _m, _i, o: truth.append(o.detach().clone()))
-    with torch.no_grad():
-        expected = model(x)
-    handle.remove()
+    results = []
+    truth = _every_output(model.conv, lambda: results.append(model(x)))
+    assert len(truth) == 2
     counts = _count_proven(monkeypatch)
     with torch.no_grad(), capture(model, ["conv"]) as acts:
         out = model(x)
     assert counts == [1]
-    assert torch.equal(out, expected)
-    stored = acts.calls("conv")
-    assert len(stored) == 2 and all(torch.equal(a, b) for a, b in zip(stored, truth))
+    assert torch.equal(out, results[0])
+    _assert_same_calls(acts.calls("conv"), truth)
 
 
 def test_user_mode_around_the_capture_turns_proofs_off(monkeypatch):
@@ -579,17 +586,6 @@ class CustomBlock(nn.Module):
         return out
 
 
-def _calls_and_truth(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    truth: list[torch.Tensor] = []
-    handle = model.conv.register_forward_hook(lambda _m, _i, o: truth.append(o.detach().clone()))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        handle.remove()
-    return truth
-
-
 @pytest.mark.parametrize(("conv", "stored_without_guard"), [
     (PaddedConv(3, 4, 3), 2), (KeepsOutput(3, 4, 3, padding=1), 0),
     (KeepsDataAlias(3, 4, 3, padding=1), 0), (ReturnsItsBuffer(), 0),
@@ -600,7 +596,8 @@ def test_custom_modules_skip_the_guard_only_for_fresh_outputs(conv, stored_witho
     assert _proven(model, {model.conv}) == {model.conv}  # the call sites qualify
     torch.manual_seed(0)
     x = torch.randn(1, 3, 5, 5)
-    truth = _calls_and_truth(model, x.clone())
+    truth = _every_output(model.conv, lambda: model(x.clone()))
+    assert len(truth) == 2
     if hasattr(conv, "last"):
         conv.last = None
     else:
@@ -609,8 +606,7 @@ def test_custom_modules_skip_the_guard_only_for_fresh_outputs(conv, stored_witho
     with torch.no_grad(), capture(model, ["conv"]) as acts:
         model(x.clone())
     assert counts == [stored_without_guard]
-    stored = acts.calls("conv")
-    assert len(stored) == 2 and all(torch.equal(a, b) for a, b in zip(stored, truth))
+    _assert_same_calls(acts.calls("conv"), truth)
 
 
 def test_every_conv_of_the_bundled_model_is_proven():
