@@ -466,6 +466,47 @@ def test_writes_after_the_block_never_show_in_stored_values():
             acts["0"]
 
 
+class UnseenWrite(nn.Module):
+    """Writes its conv's output where no torch-function mode sees it (as TorchScript or a
+    C++ extension would), then either writes it again where the guard does see it or
+    lets it die unwritten."""
+
+    def __init__(self, then: str):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.then = then
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        with torch._C.DisableTorchFunction():
+            h.add_(1)
+        if self.then == "seen write":
+            return h.relu_()
+        return h * 2
+
+
+@pytest.mark.parametrize("then", ["seen write", "dies"])
+@pytest.mark.parametrize("body_raises", [False, True])
+def test_a_write_no_mode_sees_is_reported_and_never_read(then, body_raises):
+    """The guard never copies a rewritten output as if it were the module's (the seen
+    write used to copy conv + 1 silently), and reading it raises, also when the body's
+    own exception takes the place of the report at exit."""
+    net = UnseenWrite(then).eval()
+    x = torch.randn(1, 3, 6, 6)
+    with torch.no_grad():
+        expected = pytest.raises(KeyError) if body_raises else pytest.raises(
+            CaptureIntegrityError, match="conv")
+        with expected, capture(net, "conv") as acts:
+            net(x)
+            if body_raises:
+                raise KeyError("the user's own error")
+    with pytest.raises(CaptureIntegrityError, match="conv"):
+        acts["conv"]
+    with pytest.raises(CaptureIntegrityError, match="conv"):
+        acts.calls("conv")
+    assert _hook_count(net) == 0 and torch._C._len_torch_function_stack() == 0
+
+
 class _Counting(torch.overrides.TorchFunctionMode):
     """A user's own torch-function mode: counts the calls it sees."""
 

@@ -412,8 +412,7 @@ def _count_proven(monkeypatch) -> list[int]:
     counts: list[int] = []
     original = _CopyOnWrite.settle
     monkeypatch.setattr(_CopyOnWrite, "settle",
-                        lambda self, failed: (counts.append(len(self.proven)),
-                                              original(self, failed))[1])
+                        lambda self: (counts.append(len(self.proven)), original(self))[1])
     return counts
 
 
@@ -525,8 +524,15 @@ def test_a_wrong_proof_is_reported_never_a_wrong_value(monkeypatch):
     flow._class_sites.cache_clear()
     assert _proven(model, {model.conv}) == {model.conv}
     with pytest.raises(CaptureIntegrityError, match="conv"), torch.no_grad(), \
-            capture(model, ["conv"]):
+            capture(model, ["conv"]) as acts:
         model(torch.randn(1, 3, 4, 4))
+    with pytest.raises(CaptureIntegrityError, match="conv"):
+        acts["conv"]  # nor can the rewritten alias be read afterwards
+    with pytest.raises(KeyError), torch.no_grad(), capture(model, ["conv"]) as acts:
+        model(torch.randn(1, 3, 4, 4))
+        raise KeyError("the body's own error replaces the report at exit")
+    with pytest.raises(CaptureIntegrityError, match="conv"):
+        acts["conv"]
 
 
 # --------------------------------------------------------------------------------------

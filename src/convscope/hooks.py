@@ -488,11 +488,15 @@ class _CopyOnWrite(TorchFunctionMode):
             return
         del self.pending[pointer]
         self.orphaned.discard(pointer)
+        self._release_all(entries)
+
+    def _release_all(self, entries: list[_Pending]) -> None:
+        """Keep the entries' aliases without a copy (nothing else holds their memory); one
+        that was written meanwhile is reported, and reading it raises."""
         for entry in entries:
-            if entry.tensor._version == entry.version:
-                self.kept.append(entry)
-            else:
+            if entry.tensor._version != entry.version:
                 self.corrupted.append(entry.name)
+            self.kept.append(entry)
 
     def checkpoint(self) -> None:
         """At each hook: finish what callbacks deferred and retry shared storages."""
@@ -503,12 +507,23 @@ class _CopyOnWrite(TorchFunctionMode):
         for pointer in list(self.orphaned):
             self._release(pointer)
 
+    def _commit_intact(self, entries: list[_Pending]) -> None:
+        """Copy the entries still holding the module's output. One written by code the mode
+        could not see (TorchScript, C++) is never copied as if it were exact: it is
+        reported, and reading it raises (also after an exception skips the report)."""
+        intact = [entry for entry in entries if entry.tensor._version == entry.version]
+        for entry in entries:
+            if entry not in intact:
+                self.corrupted.append(entry.name)
+                self.kept.append(entry)
+        _commit_all(intact)
+
     def protect(self, target: torch.Tensor) -> None:
         pointer = target.untyped_storage().data_ptr()
         watched = self.pending.pop(pointer, None)
         if watched is not None:
             self.orphaned.discard(pointer)
-            _commit_all(watched[1])
+            self._commit_intact(watched[1])
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # Runs for every torch call while the mode is on the stack: keep the common path
@@ -530,42 +545,36 @@ class _CopyOnWrite(TorchFunctionMode):
             return func(*args, **kwargs)
         return func(*args)
 
-    def settle(self, failed: bool) -> list[_Verified]:
-        """At exit: report writes the mode could not see, copy what may still be written.
+    def settle(self) -> tuple[list[_Verified], list[str]]:
+        """At exit: copy what may still be written; find writes the mode could not see.
 
-        Returns the aliases kept without a copy, with the version to check on access.
+        Returns the aliases kept without a copy, with the version to check on access (a
+        written one among them raises when read), and the names of written outputs.
         """
         self.closed = True
         self._remove_from_stack()
-        corrupted, kept = self.corrupted, self.kept
         for storage, entries in self.pending.values():
-            intact = [entry for entry in entries if entry.tensor._version == entry.version]
-            corrupted.extend(entry.name for entry in entries if entry not in intact)
             shared = any(entry.origin() is not None for entry in entries) or (
                 _storage_users(storage._cdata) > 1 + len(entries))
             if shared:  # the caller (or the model) still holds that memory: copy it now
-                _commit_all(intact)
+                self._commit_intact(entries)
             else:
-                kept.extend(intact)
+                self._release_all(entries)
         self.pending.clear()
+        corrupted, kept = self.corrupted, self.kept
         self.kept, self.corrupted = [], []
         for entry in kept:  # no reference from the stored values back to this guard
             entry.origin = entry.calls = None
         for name, calls, index, alias, version in self.proven:
             if alias._version != version:
                 corrupted.append(name)
+                kept.append(_Verified(name, alias, version))  # reading it raises
             elif _storage_users(alias.untyped_storage()._cdata) > 2:  # alias, handle
                 calls[index] = alias.clone()  # still shared at exit (a frame kept by an
             else:                             # exception): copy, as for the guard's outputs
                 kept.append(_Verified(name, alias, version))
         self.proven = []
-        if corrupted and not failed:
-            raise CaptureIntegrityError(
-                "the output of " + ", ".join(sorted(set(corrupted))) + " was modified in place "
-                "by an operation convscope could not intercept (C++/TorchScript code or "
-                "another thread); capture again with copy=True"
-            )
-        return kept
+        return kept, corrupted
 
 
 def _commit_all(entries: list[_Pending]) -> None:
@@ -770,7 +779,14 @@ def capture(
             raise
         finally:
             with torch._C.DisableTorchFunction():
-                acts._verify.extend(guard.settle(failed))
+                kept, corrupted = guard.settle()
+            acts._verify.extend(kept)
+            if corrupted and not failed:
+                raise CaptureIntegrityError(
+                    "the output of " + ", ".join(sorted(set(corrupted))) + " was modified in "
+                    "place by an operation convscope could not intercept (C++/TorchScript code "
+                    "or another thread); capture again with copy=True"
+                )
 
 
 class LayerActivations:
