@@ -507,6 +507,39 @@ def test_a_write_no_mode_sees_is_reported_and_never_read(then, body_raises):
     assert _hook_count(net) == 0 and torch._C._len_torch_function_stack() == 0
 
 
+class ListWrite(nn.Module):
+    """Writes its conv's output through a list argument: ``torch._foreach_add_`` or the
+    ATen overload whose schema marks the list as written."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        g = h * 1
+        if self.how == "torch":
+            torch._foreach_add_([g, h], 1.0)
+        else:
+            torch.ops.aten._foreach_add_.Scalar([g, h], 1.0)
+        return h + g
+
+
+@pytest.mark.parametrize("how", ["torch", "aten"])
+def test_writes_through_a_list_argument_are_seen(how):
+    """The guard copies before a write to any tensor of a written list (it used to look at
+    single tensors only, so the version counter refused the capture)."""
+    net = ListWrite(how).eval()
+    x = torch.randn(1, 3, 6, 6)
+    with torch.no_grad():
+        truth, plain = net.conv(x), net(x)
+        with capture(net, "conv") as acts:
+            out = net(x)
+    assert torch.equal(out, plain)
+    assert torch.equal(acts["conv"], truth)
+
+
 class _Counting(torch.overrides.TorchFunctionMode):
     """A user's own torch-function mode: counts the calls it sees."""
 

@@ -302,20 +302,21 @@ def _written_tensors(
     kind: int, detail: Any, args: tuple, kwargs: dict
 ) -> list[torch.Tensor]:
     """Tensors that a call classified by :func:`_write_kind` is about to write."""
-    targets: list[torch.Tensor] = []
+    written: list[Any] = []
     if kind == _FIRST or (
         kind == _FLAG
         and (kwargs.get("inplace") is True or (detail < len(args) and args[detail] is True))
     ):
-        if args and isinstance(args[0], torch.Tensor):
-            targets.append(args[0])
+        written.extend(args[:1])
     elif kind == _SCHEMA:
-        targets.extend(args[i] for i in detail if i < len(args) and isinstance(args[i], torch.Tensor))
-    out = kwargs.get("out")
-    if isinstance(out, torch.Tensor):
-        targets.append(out)
-    elif isinstance(out, (tuple, list)):
-        targets.extend(t for t in out if isinstance(t, torch.Tensor))
+        written.extend(args[i] for i in detail if i < len(args))
+    written.append(kwargs.get("out"))
+    targets: list[torch.Tensor] = []
+    for value in written:  # a tensor, or a list of them (``torch._foreach_add_``, ``out=``)
+        if isinstance(value, torch.Tensor):
+            targets.append(value)
+        elif isinstance(value, (tuple, list)):
+            targets.extend(t for t in value if isinstance(t, torch.Tensor))
     return targets
 
 
