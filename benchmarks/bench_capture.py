@@ -47,8 +47,10 @@ def _methods(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object
     modules = dict(model.named_modules())
     try:
         extractor = create_feature_extractor(model, return_nodes=convs)
-    except Exception:  # FX cannot trace it (or names differ): no extractor row
-        extractor = None
+        copying = _copying_extractor(create_feature_extractor(model, return_nodes=convs),
+                                     convs)
+    except Exception:  # FX cannot trace it (or names differ): no extractor rows
+        extractor = copying = None
 
     def plain() -> None:
         with torch.no_grad():
@@ -85,11 +87,34 @@ def _methods(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object
         with torch.no_grad():
             extractor(x)
 
+    def fx_copy() -> None:
+        with torch.no_grad():
+            copying(x)
+
     methods = {"plain": plain, "ours": ours, "inference": ours_inference, "copy": ours_copy,
-               "naive_clone": naive(True), "naive_alias": naive(False), "fx": fx}
+               "naive_clone": naive(True), "naive_alias": naive(False), "fx": fx,
+               "fx_copy": fx_copy}
     if extractor is None:
-        del methods["fx"]
+        del methods["fx"], methods["fx_copy"]
     return methods
+
+
+def _copying_extractor(extractor: torch.fx.GraphModule, names: list[str]
+                       ) -> torch.fx.GraphModule:
+    """The extractor with a ``clone`` right after each returned conv, inside the graph: the
+    exact values at the least possible cost (no Python runs per output), the floor for
+    any method that must copy (VGG's in-place ReLU rewrites every conv output)."""
+    graph = extractor.graph
+    wanted = set(names)
+    clones = {}
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target in wanted:
+            with graph.inserting_after(node):
+                clones[node] = graph.call_method("clone", (node,))
+    output = next(node for node in graph.nodes if node.op == "output")
+    output.args = (torch.fx.node.map_arg(output.args[0], lambda n: clones.get(n, n)),)
+    extractor.recompile()
+    return extractor
 
 
 LABELS = {
@@ -101,6 +126,8 @@ LABELS = {
     "naive_alias": "plain hooks keeping the output, no copy (wrong where an in-place op "
                    "follows; the cost of holding the memory alone)",
     "fx": "torchvision `create_feature_extractor` (post-ReLU values where ReLU is in place)",
+    "fx_copy": "the same with a copy of each conv output inside the graph (exact; no Python "
+               "per output: the floor for copying)",
 }
 
 
