@@ -10,9 +10,13 @@ copy of the older package::
     MALLOC_TRIM_THRESHOLD_=8589934592 MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=0 \\
         python benchmarks/capture_blocks.py resnet50 1   # glibc keeping freed memory
 
+Each method prints its median block time, the ratio of medians against ``plain``, and the
+median of the per-round paired ratios with their interquartile range.
+
 Methods: those of ``bench_capture.py`` (``plain``, ``ours`` = the default ``capture()``,
 ``inference``, ``copy``, ``naive_clone``, ``naive_alias`` = hooks keeping each output
-without a copy, ``fx`` when the model traces) and ``nocopy`` (``capture(copy=False)``).
+without a copy, ``fx`` and ``fx_copy`` when the model traces) and ``nocopy``
+(``capture(copy=False)``).
 """
 
 from __future__ import annotations
@@ -68,6 +72,13 @@ def main() -> None:
     for name, values in times.items():
         median = statistics.median(values)
         ratio = f"{median / plain:.3f}x" if plain else ""
+        if plain and name != "plain":
+            # Each block against the plain block of the same round: on a noisy machine the
+            # spread of these paired ratios says how far apart two methods really are.
+            paired = sorted(v / p for v, p in zip(values, times["plain"]))
+            quarter = len(paired) // 4
+            ratio += (f"  paired {statistics.median(paired):.3f}x "
+                      f"[{paired[quarter]:.3f}-{paired[-1 - quarter]:.3f}]")
         print(f"{name:12s} {median * 1000:8.2f} ms  {ratio}")
 
 
