@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -538,6 +539,90 @@ def test_writes_through_a_list_argument_are_seen(how):
             out = net(x)
     assert torch.equal(out, plain)
     assert torch.equal(acts["conv"], truth)
+
+
+class EscapingWrite(nn.Module):
+    """Writes its conv's output through memory handed outside torch (NumPy, DLPack, the raw
+    storage) or through ``.data``: no version counter moves, so only a guard that sees
+    the hand-off can keep the stored value exact."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        if self.how == "numpy":
+            array = h.detach().numpy()
+            array += 1
+        elif self.how == "numpy view":  # a slice of the output, written by a NumPy ufunc
+            part = h[:, :2].detach().numpy()
+            np.multiply(part, 2, out=part)
+        elif self.how == "array protocol":
+            np.asarray(h.detach())[0, 0] = 0
+        elif self.how == "dlpack":
+            torch.from_dlpack(h.detach()).add_(1)
+        elif self.how == "storage":
+            torch.tensor([], dtype=h.dtype).set_(h.untyped_storage()).add_(1)
+        else:  # ".data": its own version counter, the same memory
+            h.data.mul_(2)
+        return h * 1
+
+
+ESCAPES = ["numpy", "numpy view", "array protocol", "dlpack", "storage", ".data"]
+
+
+@pytest.mark.parametrize("how", ESCAPES)
+@pytest.mark.parametrize("grad_mode", ["no_grad", "enable_grad", "inference_mode"])
+@pytest.mark.parametrize("copy", ["auto", True])
+def test_writes_through_memory_handed_outside_torch_are_never_stored(how, grad_mode, copy):
+    """NumPy's ``+=`` on ``h.detach().numpy()`` used to rewrite the stored alias with no
+    error under the default: the guard now copies before the memory leaves torch."""
+    net = EscapingWrite(how).eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        truth = net.conv(x)
+    with getattr(torch, grad_mode)():
+        plain = net(x)
+        with capture(net, "conv", copy=copy) as acts:
+            out = net(x)
+    assert torch.equal(out, plain)
+    assert torch.equal(acts["conv"], truth)
+    assert _hook_count(net) == 0 and torch._C._len_torch_function_stack() == 0
+
+
+class FlagOnly(nn.Module):
+    """Calls ``requires_grad_``/``detach_`` on its conv's output: names that end in ``_``
+    but write no values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        h.requires_grad_(False)
+        h.detach_()
+        return h * 1
+
+
+def test_flag_changes_on_a_stored_output_cost_no_copy():
+    """The stored value is the conv's own memory (no copy), and exact."""
+    net = FlagOnly().eval()
+    x = torch.randn(1, 3, 6, 6)
+    made: list[int] = []
+    spy = net.conv.register_forward_hook(lambda _m, _i, out: made.append(out.data_ptr()))
+    try:
+        with torch.no_grad():
+            truth = net.conv(x)
+            made.clear()
+            with capture(net, "conv") as acts:
+                net(x)
+    finally:
+        spy.remove()
+    assert torch.equal(acts["conv"], truth)
+    assert acts["conv"].data_ptr() == made[0]
 
 
 class _Counting(torch.overrides.TorchFunctionMode):

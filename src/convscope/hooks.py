@@ -249,6 +249,18 @@ _INPLACE_DUNDERS = frozenset({
 })
 
 
+# Calls that hand a tensor's memory to code no torch-function mode sees and whose writes
+# bump no version counter (NumPy, DLPack consumers, raw storages and pointers): treated as
+# writes of that tensor, so a stored output is copied before its memory escapes.
+_ESCAPES = frozenset({
+    "numpy", "__array__", "__dlpack__", "untyped_storage", "storage", "_typed_storage",
+    "data_ptr",
+})
+_ESCAPE_GETTERS = (torch.Tensor.__cuda_array_interface__.__get__,)
+# Names ending in ``_`` that change autograd flags only, never values: no copy for them.
+_FLAGS_ONLY = frozenset({"requires_grad_", "detach_"})
+
+
 @functools.lru_cache(maxsize=1)
 def _inplace_positions() -> dict[Callable, int]:
     """Positional index of the ``inplace`` argument of each torch.nn.functional function
@@ -282,7 +294,10 @@ _SCHEMA = 3       # an ATen overload whose schema marks written arguments (``tor
 def _write_kind(func: Callable) -> tuple[int, Any]:
     """Classify ``func`` once: which of its arguments it may write in place."""
     name = getattr(func, "__name__", "")
-    if (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS:
+    if name in _FLAGS_ONLY:
+        return _NEVER, None
+    if ((name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS
+            or name in _ESCAPES or func in _ESCAPE_GETTERS):
         return _FIRST, None
     index = _inplace_positions().get(func)
     if index is not None:
@@ -668,10 +683,15 @@ def capture(
       models with PyTorch's fused attention fast paths (``nn.MultiheadAttention``,
       ``nn.TransformerEncoder[Layer]``), which an active write guard would switch to their
       slower, numerically different path.
-    - ``copy=True`` always copies at once.
+      Handing an output's memory outside torch (``.numpy()``, ``__array__``, DLPack, its
+      storage or pointer) counts as a write: it is copied first.
+    - ``copy=True`` always copies at once: exact whatever runs after the module.
     - ``copy=False`` never copies: reading an output that something rewrote in place
       raises :class:`CaptureIntegrityError` instead of showing the wrong values; under
-      ``torch.inference_mode`` it refuses with a :class:`ConvscopeError`.
+      ``torch.inference_mode`` it refuses with a :class:`ConvscopeError`. It has no
+      guard and trusts the autograd version counter alone, which writes through
+      ``.data``, NumPy, DLPack or a raw storage do not move: for models that write that
+      way, keep the default.
 
     Outputs are moved ``to`` a device (``None`` keeps them where they were made) and cast
     to ``dtype`` when given (``torch.float16`` halves memory). Hooks are removed on exit
