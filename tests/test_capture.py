@@ -366,3 +366,23 @@ def test_notebook_html_shows_each_layer_grid_or_shape(tiny_net):
     (data,) = re.findall(r'base64,([^"]+)"', page)
     image = Image.open(io.BytesIO(base64.b64decode(data)))
     assert image.size == (1 + 2 * 33, 1 + 2 * 33)  # 4 channels as 2x2 tiles of 32 px
+
+
+def test_a_layer_that_never_ran_says_so_and_names_torch_compile():
+    """A selected layer that recorded nothing raises on read; when the forward ran through a
+    torch.compile graph compiled before capture (which skips hooks added later), the
+    message says so instead of claiming the layer did not run."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad(), capture(net, ["0", "2"]) as acts:
+        net[0](x)
+    assert acts["0"].shape == (1, 4, 6, 6)
+    with pytest.raises(KeyError, match="did not run in the forward pass"):
+        acts["2"]
+    compiled = torch.compile(net, backend="eager")
+    with torch.no_grad():
+        compiled(x)  # compiled here, before the hooks exist
+        with capture(compiled, "_orig_mod.0") as acts:
+            compiled(x)
+    with pytest.raises(KeyError, match=r"torch\.compile graph compiled before"):
+        acts["_orig_mod.0"]

@@ -73,6 +73,19 @@ def copy_output(value: Any, to: torch.device | str | None, dtype: torch.dtype | 
     return value
 
 
+def did_not_run(name: str) -> str:
+    """The message for a hooked layer that recorded nothing, with the likely cause where
+    torch.compile is in use: a compiled graph skips hooks added after it was compiled."""
+    message = f"layer {name!r} was selected but did not run in the forward pass"
+    if "torch._dynamo" in sys.modules:
+        message += (
+            " (or it ran inside a torch.compile graph compiled before the hooks were added, "
+            "which skips them: capture before the first compiled call, or run the "
+            "uncompiled module, e.g. `compiled._orig_mod`)"
+        )
+    return message
+
+
 class Activations(Mapping[str, Any]):
     """Captured outputs by layer name: ``acts[name]`` is the last call's output and
     ``acts.calls(name)`` every call's, in order."""
@@ -115,7 +128,7 @@ class Activations(Mapping[str, Any]):
     def __getitem__(self, name: str) -> Any:
         values = self._check(name)
         if not values:
-            raise KeyError(f"layer {name!r} was selected but did not run in the forward pass")
+            raise KeyError(did_not_run(name))
         if self._verify:
             self._check_versions(name)
         return values[-1]

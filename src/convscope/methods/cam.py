@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ..errors import UnknownNameError
-from ..hooks import forward_hooks
+from ..hooks import did_not_run, forward_hooks
 from ..layers import resolve_layers
 from ..progress import ProgressCallback, track
 from ..spatial import NoSpatialMapError, SpatialLayout, spatial_layout
@@ -210,7 +210,7 @@ class _Probe:
 
     def chosen(self) -> torch.Tensor:
         if self.count == 0:
-            raise LayerOutputError(f"layer {self.name!r} did not run in the forward pass")
+            raise LayerOutputError(did_not_run(self.name))
         if self.call >= 0:
             if self.call >= self.count:
                 raise LayerOutputError(
