@@ -10,6 +10,7 @@ torchvision classifier are checked against gradient support in test_receptive_fi
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -796,3 +797,167 @@ def test_stored_values_are_freed_with_the_activations_without_garbage_collection
     finally:
         if enabled:
             gc.enable()
+
+
+# Rules of the write guard that a mutation run (stop 20) found unpinned.
+
+
+class _WritesConvOutput(nn.Module):
+    """A conv whose output the forward then rewrites in place, in one of several ways."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        if self.how == "setitem":
+            h[0] = 0.0  # Tensor.__setitem__
+        elif self.how == "view":
+            h[1:].zero_()  # a view that starts past the beginning of the storage
+        elif self.how == "out=":
+            torch.mul(h, 0.0, out=h)  # an out-of-place op told to write into h
+        elif self.how == "data_ptr":
+            # Raw memory: no torch-function mode sees this write and no version counter moves.
+            ctypes.memset(h.data_ptr(), 0, h.element_size() * h.nelement())
+        else:
+            raise AssertionError(self.how)
+        return h
+
+
+@pytest.mark.parametrize("how", ["setitem", "view", "out=", "data_ptr"])
+def test_each_kind_of_write_into_a_stored_output_leaves_its_true_value(how: str) -> None:
+    """``x[i] = v``, an in-place op on a view at an offset, ``out=`` and a write through
+    ``data_ptr()`` must each make the guard copy the stored conv output first: the stored
+    value is the conv's, not zeros, and no CaptureIntegrityError is raised (the guard saw
+    the write, it did not guess)."""
+    torch.manual_seed(0)
+    net = _WritesConvOutput(how).eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = net.conv(x)
+        with capture(net, "conv") as acts:
+            out = net(x)
+    assert not torch.equal(out, expected)  # the forward did rewrite that memory
+    assert torch.equal(acts["conv"], expected)
+
+
+class _Transpose(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(2, 3)
+
+
+class _TwoViewsThenWrite(nn.Module):
+    """Two captured outputs on one storage, equal in shape but not in strides (a square
+    map and its transpose), then a write that makes the guard copy both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.t = _Transpose()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        t = self.t(h)
+        h.add_(1.0)
+        return t * 2
+
+
+def test_views_sharing_memory_but_not_strides_get_their_own_copies() -> None:
+    """Aliases of one storage may share a copy only when they are the same view: a
+    transposed output copied as its untransposed base would be stored with wrong values."""
+    torch.manual_seed(0)
+    net = _TwoViewsThenWrite().eval()
+    x = torch.randn(2, 3, 7, 7)  # a 5x5 map: the transpose has the conv output's shape
+    with torch.no_grad():
+        expected = net.conv(x)
+        with capture(net, ["conv", "t"]) as acts:
+            net(x)
+    assert torch.equal(acts["conv"], expected)
+    assert torch.equal(acts["t"], expected.transpose(2, 3))
+    assert not torch.equal(expected, expected.transpose(2, 3))
+
+
+class _DropsItsConvOutput(nn.Module):
+    """Reads its conv output with an op the flow proofs do not accept (so the write guard
+    watches it), drops it, and notes how many torch-function modes are active then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.depth_while_held = -1
+        self.depth_after_drop = -1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        y = h * 2.0
+        self.depth_while_held = torch._C._len_torch_function_stack()
+        del h  # the last reference: only capture's stored alias holds that memory now
+        self.depth_after_drop = torch._C._len_torch_function_stack()
+        return y.relu_()
+
+
+def test_the_write_guard_leaves_the_stack_when_the_watched_output_dies() -> None:
+    """The guard is on the torch-function stack only while the model can still reach a
+    stored output: once the conv output is dropped mid-forward, it must come off at once
+    (later calls of the forward would otherwise all run through it, and code that checks
+    for an active mode would see one), and the stored value stays the conv's."""
+    torch.manual_seed(0)
+    net = _DropsItsConvOutput().eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = net.conv(x)
+        with capture(net, "conv") as acts:
+            net(x)
+    assert net.depth_while_held == 1  # the guard was watching the live output
+    assert net.depth_after_drop == 0
+    assert torch._C._len_torch_function_stack() == 0
+    assert torch.equal(acts["conv"], expected)
+
+
+class _Size(nn.Module):
+    """A captured module whose output is no tensor (nothing for the guard to watch)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[int, ...]:
+        return tuple(x.shape)
+
+
+class _DetachedAliasOutlivesOutput(nn.Module):
+    """The conv output dies while a ``.detach()`` alias still holds its memory; the alias
+    is dropped later, and then another captured module runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.size = _Size()
+        self.depth_after_alias_dropped = -1
+        self.depth_after_next_hook = -1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        alias = h.detach()  # shares the memory without referencing h
+        y = h * 2.0
+        del h  # the output is gone but ``alias`` can still write that memory
+        del alias
+        self.depth_after_alias_dropped = torch._C._len_torch_function_stack()
+        self.size(y)  # a hook: capture re-examines storages that were still shared
+        self.depth_after_next_hook = torch._C._len_torch_function_stack()
+        return y.relu_()
+
+
+def test_a_storage_shared_when_its_output_died_is_released_at_the_next_hook() -> None:
+    """When a watched output dies while another alias still holds its memory, the guard
+    keeps watching; once that alias is gone too, the next hook must see it and take the
+    guard off the stack instead of leaving every later call of the forward under it."""
+    torch.manual_seed(0)
+    net = _DetachedAliasOutlivesOutput().eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = net.conv(x)
+        with capture(net, ["conv", "size"]) as acts:
+            net(x)
+    assert net.depth_after_alias_dropped == 1  # still watched: no hook has run since
+    assert net.depth_after_next_hook == 0
+    assert torch.equal(acts["conv"], expected)
+    assert acts["size"] == tuple(expected.shape)
