@@ -471,3 +471,114 @@ def test_tf_same_padding_of_lite0_matches_gradient_support(lite0):
     rows = {r.name: r for r in list_layers(lite0.module)}
     assert rows["_conv_head"].receptive_field.stride == (32, 32)
     assert rows["_conv_head"].receptive_field.size[0] == rows["_conv_head"].receptive_field.size[1]
+
+
+# Cases a mutation run (stop 20) found unpinned.
+
+
+def _every_box_is_the_gradient_support(net: nn.Module, rf: ReceptiveField, height: int,
+                                       width: int) -> None:
+    """Each unit's field against the bounding box of its non-zero input gradient: an edge
+    inside the image is exactly the support's edge; an edge the image clips only bounds it
+    (dilated taps can skip the pixels next to the border). At least one unit must have
+    all four edges inside the image, so the check cannot pass on clipping alone."""
+    out = net(torch.zeros(1, 1, height, width, dtype=torch.float64))
+    inside = 0
+    for r in range(out.shape[2]):
+        for c in range(out.shape[3]):
+            x = torch.ones(1, 1, height, width, dtype=torch.float64, requires_grad=True)
+            (grad,) = torch.autograd.grad(net(x)[0, 0, r, c], x)
+            support = _support(grad)
+            top = math.floor(rf.start[0] + r * rf.stride[0] - (rf.size[0] - 1) / 2)
+            left = math.floor(rf.start[1] + c * rf.stride[1] - (rf.size[1] - 1) / 2)
+            edges = (top, left, top + rf.size[0], left + rf.size[1])
+            limits = (0, 0, height, width)
+            for at, (edge, got, limit) in enumerate(zip(edges, support, limits)):
+                clipped = edge < limit if at < 2 else edge > limit
+                if clipped:
+                    assert (got >= limit) if at < 2 else (got <= limit), (r, c, at)
+                else:
+                    assert got == edge, (r, c, at, edges, support)
+            inside += all(not (e < lim if i < 2 else e > lim)
+                          for i, (e, lim) in enumerate(zip(edges, limits)))
+    assert inside > 0
+
+
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
+def test_same_padding_of_a_dilated_conv_shifts_by_the_dilated_half_kernel() -> None:
+    """padding='same' with dilation pads dilation * (kernel - 1) / 2 before: a 3x4 kernel
+    at dilation (2, 3) on a 9x14 input, every unit against its gradient support."""
+    net = nn.Sequential(nn.Conv2d(1, 1, (3, 4), padding="same", dilation=(2, 3))).double()
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+    rf = list_layers(net, (1, 9, 14))[-1].receptive_field
+    assert rf.size == (5, 10)
+    _every_box_is_the_gradient_support(net, rf, 9, 14)
+
+
+def test_dilated_max_pool_window_spans_its_dilation() -> None:
+    """A max pool with dilation (2, 3) and stride (2, 1) has the window of a conv of the
+    same geometry; the field of that conv is read from its gradient support."""
+    def layers(pool: bool) -> nn.Sequential:
+        window = (nn.MaxPool2d(3, stride=(2, 1), padding=1, dilation=(2, 3)) if pool
+                  else nn.Conv2d(1, 1, 3, stride=(2, 1), padding=1, dilation=(2, 3)))
+        return nn.Sequential(nn.Conv2d(1, 1, 1), window).double()
+
+    pooled = list_layers(layers(True), (1, 11, 16))[-1].receptive_field
+    reference = layers(False)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.fill_(1.0)
+    assert pooled == list_layers(reference, (1, 11, 16))[-1].receptive_field
+    assert pooled.size == (5, 7)
+    _every_box_is_the_gradient_support(reference, pooled, 11, 16)
+
+
+class _Strided(nn.Module):
+    """A conv, then a strided slice that starts at row 1 and column 2 (Swin-style), then a
+    conv: the slice's start moves the field by start * the stride so far."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 1, 3, stride=(1, 2))
+        self.b = nn.Conv2d(1, 1, (2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x)[:, :, 1::2, 2::3])
+
+
+def test_a_strided_slice_offsets_the_field_by_its_start_times_the_stride() -> None:
+    """Every unit after ``x[:, :, 1::2, 2::3]`` on a 15x40 input against its gradient."""
+    net = _Strided().double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(1.0)
+    rf = list_layers(net, (1, 15, 40))[-1].receptive_field
+    assert rf.stride == (2, 6)
+    _every_box_is_the_gradient_support(net, rf, 15, 40)
+
+
+class _FunctionalPool(nn.Module):
+    """``F.avg_pool2d`` / ``F.max_pool2d`` called without a stride: the stride is the kernel."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pool = F.avg_pool2d if self.kind == "avg" else F.max_pool2d
+        return pool(x, (2, 3))
+
+
+@pytest.mark.parametrize("kind", ["avg", "max"])
+def test_functional_pool_without_a_stride_steps_by_its_kernel(kind: str) -> None:
+    """PyTorch's pooling functions default the stride to the kernel size: a (2, 3) pool
+    after a 3x3 conv on a 12x20 input has stride (2, 3); the average pool's boxes are its
+    gradient support, and the max pool has the same geometry."""
+    net = nn.Sequential(nn.Conv2d(1, 1, 3), _FunctionalPool(kind)).double()
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+    rf = list_layers(net, (1, 12, 20))[-1].receptive_field
+    assert (rf.size, rf.stride) == ((4, 5), (2, 3))
+    if kind == "avg":
+        _every_box_is_the_gradient_support(net, rf, 12, 20)

@@ -249,3 +249,73 @@ def test_grad_cam_through_the_layout_agrees_with_pytorch_grad_cam_on_a_vit_block
     for i in range(2):
         pair = torch.stack([ours[i].flatten(), theirs[i].flatten()]).double()
         assert float(torch.corrcoef(pair)[0, 1]) >= 0.999
+
+
+# Cases a mutation run (stop 20) found unpinned.
+
+
+def _tokens_by_hand(tokens: torch.Tensor, prefix: int, rows: int, cols: int) -> torch.Tensor:
+    """Drop ``prefix`` tokens and read the rest row-major as ``rows x cols``: (N, D, H, W)."""
+    n, _, d = tokens.shape
+    out = torch.empty(n, d, rows, cols)
+    for index in range(rows * cols):
+        out[:, :, index // cols, index % cols] = tokens[:, prefix + index]
+    return out
+
+
+class _TorchvisionStyleViT(nn.Module):
+    """What torchvision's ViT tells: a class token, ``patch_size`` and ``image_size``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.class_token = nn.Parameter(torch.zeros(1, 1, 8))
+        self.patch_size = 16
+        self.image_size = 64
+
+
+def test_patch_grid_of_a_non_square_input_is_rows_by_columns() -> None:
+    """A model that gives only its patch size: a 64x96 input is a 4x6 grid, not 6x4 (both
+    hold 24 tokens, so a swapped grid would draw a scrambled map without any error)."""
+    tokens = torch.randn(2, 1 + 4 * 6, 8)
+    layout = spatial_layout(tokens, model=_TorchvisionStyleViT(), input_hw=(64, 96),
+                            batch_size=2)
+    assert (layout.prefix, layout.grid) == (1, (4, 6))
+    assert torch.equal(layout.apply(tokens), _tokens_by_hand(tokens, 1, 4, 6))
+
+
+def test_inferred_token_grid_of_a_non_square_input_is_rows_by_columns() -> None:
+    """No model hints: 24 patch tokens of a 64x96 input are the 4x6 grid at stride 16."""
+    tokens = torch.randn(3, 24, 5)
+    layout = spatial_layout(tokens, input_hw=(64, 96), prefix_tokens=0)
+    assert layout.grid == (4, 6)
+    assert torch.equal(layout.apply(tokens), _tokens_by_hand(tokens, 0, 4, 6))
+
+
+def test_sixteen_prefix_tokens_are_still_inferred() -> None:
+    """MAX_INFERRED_PREFIX (16) is the largest count tried, inclusive: 86 tokens of a 64x96
+    input are only explained by 16 prefix tokens and a 7x10 grid (stride 9)."""
+    tokens = torch.randn(2, 86, 4)
+    layout = spatial_layout(tokens, input_hw=(64, 96))
+    assert (layout.prefix, layout.grid) == (16, (7, 10))
+    assert torch.equal(layout.apply(tokens), _tokens_by_hand(tokens, 16, 7, 10))
+
+
+def test_prefix_tokens_returns_exactly_the_prefix() -> None:
+    """SpatialLayout.prefix_tokens: the first ``prefix`` tokens, all of them, no patch token;
+    a map layout has none."""
+    tokens = torch.randn(2, 5 + 2 * 3, 4)
+    layout = spatial_layout(tokens, input_hw=(32, 48), prefix_tokens=5)
+    assert layout.grid == (2, 3)
+    assert torch.equal(layout.prefix_tokens(tokens), tokens[:, :5])
+    maps = torch.randn(2, 4, 3, 5)
+    assert spatial_layout(maps, layout="nchw").prefix_tokens(maps).shape == (2, 0, 4)
+
+
+def test_without_an_input_size_only_a_square_grid_reads_as_spatial() -> None:
+    """No input size: the (H, W) of a reading must be square to be plausible, so a
+    (2, 8, 6, 10) conv output falls back to PyTorch's (N, C, H, W) and (2, 6, 6, 10) reads
+    channels-last, rather than being called ambiguous."""
+    conv = spatial_layout((2, 8, 6, 10))
+    assert (conv.kind, conv.grid, conv.channels) == ("nchw", (6, 10), 8)
+    last = spatial_layout((2, 6, 6, 10))
+    assert (last.kind, last.grid, last.channels) == ("nhwc", (6, 6), 10)

@@ -207,3 +207,22 @@ def test_cam_accepts_guided_gradcam(tiny_net):
     torch.testing.assert_close(raw, gb * grad_cam[:, None])
     torch.testing.assert_close(cam(tiny_net, x, layer="features.3", target=[1, 2],
                                    method="Guided-GradCAM"), maps)
+
+
+# Cases a mutation run (stop 20) found unpinned.
+
+
+@pytest.mark.parametrize(("clamp", "derivative"), [
+    (lambda h: h.clamp(min=-1.0), [1.0, 0.0, 1.0, 1.0]),
+    (lambda h: torch.clamp(h, -1.0, 6.0), [1.0, 0.0, 0.0, 1.0]),
+    (lambda h: h.clamp_min(-1.0), [1.0, 0.0, 1.0, 1.0]),
+], ids=["clamp(min=-1)", "clamp(-1, 6)", "clamp_min(-1)"])
+def test_a_clamp_with_a_negative_lower_bound_is_no_rectifier(
+        clamp: Callable[[torch.Tensor], torch.Tensor], derivative: list[float]) -> None:
+    """Only a lower bound of exactly 0 makes a clamp a rectifier: next to a ReLU, a clamp
+    at -1 keeps its ordinary gradient (W[0]'s -4 passes through it at x = 0.5)."""
+    net = ActNet(lambda h: F.relu(h) + clamp(h)).eval()
+    relu_part = torch.tensor([1.0, 0.0, 1.0, 1.0]) * W[0].clamp(min=0)
+    clamp_part = torch.tensor(derivative) * W[0]
+    got = saliency(net, X, 0, method="guided_backprop")
+    torch.testing.assert_close(got, (relu_part + clamp_part).view(1, 1, 2, 2))

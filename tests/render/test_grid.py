@@ -206,3 +206,105 @@ def test_area_shrinking_is_torch_adaptive_avg_pool_exactly():
     for size in [(80, 80), (37, 53), (1, 1), (111, 7)]:
         expected = torch.nn.functional.adaptive_avg_pool2d(tiles[:, None], size)[:, 0]
         np.testing.assert_array_equal(_area_pool(tiles.numpy(), size), expected.numpy())
+
+
+# Cases a mutation run (stop 20) found unpinned.
+
+
+GRAY = colormap_lut("gray")[:, 0]
+
+
+def _gray_index(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] to 256-level indices, rounding half up (the documented quantiser)."""
+    return np.floor(np.clip(values, 0.0, 1.0) * 255 + 0.5).astype(int)
+
+
+def test_layer_normalisation_uses_one_range_per_sample_not_per_batch() -> None:
+    """normalize='layer': one min-max range over all channels of a sample; each sample of a
+    batch is scaled on its own (a batch-wide range would darken the weaker sample)."""
+    rng = np.random.default_rng(0)
+    act = rng.random((2, 3, 2, 4)).astype(np.float32)
+    act[1] *= 10.0
+    act[0] -= 5.0
+    image = np.asarray(feature_grid(act, cols=3, normalize="layer", cmap="gray", pad=1))[..., 0]
+    block = 1 + 2 + 1 + max(2 * 1, 4)  # pad, tile rows, pad, then the gap between samples
+    for sample in range(2):
+        values = act[sample]
+        scaled = (values - values.min()) / (values.max() - values.min())
+        for channel in range(3):
+            top, left = sample * block + 1, 1 + channel * (4 + 1)
+            tile = image[top:top + 2, left:left + 4]
+            np.testing.assert_array_equal(tile, GRAY[_gray_index(scaled[channel])],
+                                          err_msg=f"sample {sample} channel {channel}")
+
+
+@pytest.mark.parametrize(("height", "width"), [(2, 8), (8, 2)])
+def test_automatic_columns_make_the_grid_about_square_for_any_tile_shape(
+        height: int, width: int) -> None:
+    """cols=None: the tile's aspect ratio is taken into account, so 12 wide tiles stack in
+    few columns and 12 tall ones spread over many; either way the canvas is about square."""
+    image = feature_grid(torch.rand(12, height, width), pad=1)
+    ratio = max(image.size) / min(image.size)
+    assert ratio < 1.5, image.size
+
+
+def test_labels_name_the_channel_drawn_not_the_tile_position() -> None:
+    """labels=True writes the channel index: with channels=[2, 0] the second tile shows
+    channel 0 and says "0", exactly as channel 0 drawn alone does."""
+    act = torch.rand(3, 32, 40)
+    picked = np.asarray(feature_grid(act, channels=[2, 0], cols=2, labels=True, pad=1))
+    alone = np.asarray(feature_grid(act, channels=[0], cols=1, labels=True, pad=1))
+    second = picked[1:33, 1 + 41:1 + 41 + 40]
+    np.testing.assert_array_equal(second, alone[1:33, 1:41])
+    unlabelled = np.asarray(feature_grid(act, channels=[2, 0], cols=2, pad=1))
+    assert (picked[1:33, 1 + 41:1 + 41 + 40] != unlabelled[1:33, 1 + 41:1 + 41 + 40]).any()
+
+
+def _rgb_tile_by_hand(weights: torch.Tensor, index: int) -> np.ndarray:
+    scale = float(weights.abs().max())
+    expected = (weights[index] / (2 * scale) + 0.5).permute(1, 2, 0).numpy()
+    return np.floor(expected * 255 + 0.5).astype(np.uint8)
+
+
+def test_max_filters_limits_the_tiles_drawn() -> None:
+    """max_filters=2 of 5 filters: two tiles, the first two filters, in one row; the scale
+    is that of the filters drawn."""
+    torch.manual_seed(1)
+    weights = torch.randn(5, 3, 2, 3)
+    image = np.asarray(filter_grid(weights, max_filters=2, tile_size=3, pad=1))
+    assert image.shape == (1 + 2 + 1, 1 + 2 * (3 + 1), 3)
+    for index in range(2):
+        left = 1 + index * 4
+        np.testing.assert_array_equal(image[1:3, left:left + 3],
+                                      _rgb_tile_by_hand(weights[:2], index))
+
+
+def test_max_channels_limits_the_columns_of_channel_mode() -> None:
+    """mode='channels', max_channels=2: one row per filter, only the first two input
+    channels as columns, on the symmetric scale of what is drawn."""
+    weights = torch.zeros(3, 4, 1, 1)
+    weights[:, :, 0, 0] = torch.tensor([[1.0, -2.0, 9.0, 9.0],
+                                        [0.5, 0.0, 9.0, 9.0],
+                                        [-1.0, 2.0, -9.0, 9.0]])
+    image = np.asarray(filter_grid(weights, mode="channels", max_channels=2, tile_size=1,
+                                   pad=0))
+    assert image.shape == (3, 2, 3)
+    lut = colormap_lut("RdBu_r")
+    kept = weights[:, :2, 0, 0].numpy()
+    expected = lut[np.floor((kept / (2 * 2.0) + 0.5) * 255 + 0.5).astype(int)]
+    np.testing.assert_array_equal(image, expected)
+
+
+def test_non_square_rgb_filters_keep_their_orientation_and_enlarge_by_the_longer_side() -> None:
+    """A 2x3 RGB kernel is drawn 2 rows by 3 columns; with the default target of 24 px the
+    longer side (3) sets the factor: 8, so each tile is 16x24."""
+    torch.manual_seed(2)
+    weights = torch.randn(2, 3, 2, 3)
+    exact = np.asarray(filter_grid(weights, cols=2, tile_size=3, pad=0))
+    assert exact.shape == (2, 6, 3)
+    for index in range(2):
+        np.testing.assert_array_equal(exact[:, index * 3:index * 3 + 3],
+                                      _rgb_tile_by_hand(weights, index))
+    enlarged = np.asarray(filter_grid(weights, cols=2, pad=0))
+    assert enlarged.shape == (16, 48, 3)
+    np.testing.assert_array_equal(enlarged, exact.repeat(8, axis=0).repeat(8, axis=1))

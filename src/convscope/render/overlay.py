@@ -21,6 +21,11 @@ def _image_array(image: Any) -> np.ndarray:
         if t.ndim == 4 and t.shape[0] == 1:
             t = t[0]
         if t.ndim == 3 and t.shape[0] in (1, 3):
+            if t.shape[2] in (1, 3, 4):  # (3, H, 3) is also an H x W x C picture 3 rows tall
+                raise ValueError(
+                    f"image tensor of shape {tuple(t.shape)} reads both as (C, H, W) and as "
+                    "(H, W, C); pass a PIL image or an H x W x 3 numpy array"
+                )
             t = t.permute(1, 2, 0)
         array = t.numpy()
     elif isinstance(image, np.ndarray):
@@ -61,7 +66,7 @@ def overlay(image: Any, heatmap: Any, alpha: float = 0.5, cmap: str = "jet") -> 
     """Blend a coloured ``heatmap`` (values in [0, 1]) over ``image``; returns a PIL image.
 
     ``image`` is a PIL image, an HxW(x3) array (uint8 or [0, 1] floats) or a (3, H, W)
-    tensor in [0, 1]; ``heatmap`` is (H', W') and is resized (bilinear) to the image. Each
+    tensor in [0, 1] (one that also reads as H x W x C, such as (3, 6, 3), is refused); ``heatmap`` is (H', W') and is resized (bilinear) to the image. Each
     pixel is ``(1 - alpha) * image + alpha * cmap(heatmap)``. Inputs are not modified.
     """
     from PIL import Image
