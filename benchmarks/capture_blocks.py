@@ -15,13 +15,16 @@ median of the per-round paired ratios with their interquartile range.
 
 Methods: those of ``bench_capture.py`` (``plain``, ``ours`` = the default ``capture()``,
 ``inference``, ``copy``, ``naive_clone``, ``naive_alias`` = hooks keeping each output
-without a copy, ``fx`` and ``fx_copy`` when the model traces) and ``nocopy``
-(``capture(copy=False)``).
+without a copy, ``fx`` and ``fx_copy`` when the model traces), ``nocopy``
+(``capture(copy=False)``) and ``thp_copy`` (hooks copying into huge-page memory of their
+own; see docs/benchmarks.md, "What stop 20 tried").
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import mmap
 import statistics
 import time
 from collections.abc import Callable
@@ -29,17 +32,52 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+HUGE_PAGE = 2**21
+
+
+def _huge_page_empty_like(tensor: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor like ``tensor`` in its own anonymous mapping, 2 MiB aligned
+    and advised for transparent huge pages (``MADV_HUGEPAGE``; THP is "madvise" here), so
+    that filling it faults in 2 MiB pages instead of 4 KiB ones. Small tensors: ``empty_like``."""
+    size = tensor.numel() * tensor.element_size()
+    if size < 4 * 2**20:
+        return torch.empty_like(tensor)
+    mapping = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mapping.madvise(mmap.MADV_HUGEPAGE)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+    raw = torch.frombuffer(mapping, dtype=torch.uint8, count=size, offset=-start % HUGE_PAGE)
+    return raw.view(tensor.dtype).view(tensor.shape)
+
 
 def methods(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], None]]:
-    """bench_capture's methods, plus ``capture(copy=False)`` ("nocopy")."""
-    from bench_capture import _methods
+    """bench_capture's methods, plus ``capture(copy=False)`` ("nocopy") and hooks copying
+    each conv output into memory of its own on huge pages ("thp_copy", an experiment:
+    exact, and the model's own memory is reused as in a plain forward)."""
+    from bench_capture import _conv_names, _methods
     from convscope import capture
 
     def nocopy() -> None:
         with torch.no_grad(), capture(model, nn.Conv2d, copy=False):
             model(x)
 
-    return {**_methods(model, x), "nocopy": nocopy}
+    modules = dict(model.named_modules())
+    convs = _conv_names(model)
+
+    def thp_copy() -> None:
+        kept: list[torch.Tensor] = []
+
+        def keep(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            kept.append(_huge_page_empty_like(output).copy_(output))
+
+        handles = [modules[name].register_forward_hook(keep) for name in convs]
+        try:
+            with torch.no_grad():
+                model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    return {**_methods(model, x), "nocopy": nocopy, "thp_copy": thp_copy}
 
 
 def main() -> None:

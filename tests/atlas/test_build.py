@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -502,3 +504,80 @@ def test_reduction_threads_must_be_positive():
     dataset = torch.utils.data.TensorDataset(torch.randn(2, 3, 16, 16), torch.zeros(2))
     with pytest.raises(AtlasError, match="reduction_threads must be at least 1, got 0"):
         build(model, dataset, ["0"], topk=1, reduction_threads=0)
+
+
+# Cases a mutation run (stop 20) found unpinned.
+
+
+def _tensor_data(seed: int) -> torch.utils.data.TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.TensorDataset(torch.randn(5, 3, 36, 60, generator=g))
+
+
+def test_a_finished_atlas_with_other_histogram_edges_is_not_resumed(tiny_loaded: Any,
+                                                                    tmp_path: Path) -> None:
+    """The histogram edges change every histogram: an atlas built with other edges is a
+    different atlas. Without the edges in the fingerprint, ``resume=True`` would hand
+    back the old atlas (its histograms on the old edges) as if it were the one asked for."""
+    out = tmp_path / "atlas"
+    data = _tensor_data(1)
+    custom = (-1.0, 0.0, 1.0)
+    first = build(tiny_loaded, data, ["3"], topk=2, batch_size=2, out=out, crops=False,
+                  html=False, edges=custom)
+    np.testing.assert_array_equal(first.histogram_edges, custom)
+    with pytest.raises(AtlasExistsError, match="different atlas"):
+        build(tiny_loaded, data, ["3"], topk=2, batch_size=2, out=out, crops=False,
+              html=False, resume=True)
+
+
+def _write_images(folder: Path, seeds: list[int]) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed in seeds:
+        pixels = np.random.default_rng(seed).integers(0, 256, (30, 44, 3), dtype=np.uint8)
+        path = folder / f"img{seed}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_a_finished_atlas_of_another_image_list_is_not_resumed(tiny_loaded: Any,
+                                                               tmp_path: Path) -> None:
+    """Same model, settings and image count, one image replaced: the atlas of the old list
+    must not be handed back on ``resume=True`` (its top images name other files)."""
+    out = tmp_path / "atlas"
+    old = _write_images(tmp_path / "images", [1, 2, 3])
+    new = old[:2] + _write_images(tmp_path / "images", [4])
+    build(tiny_loaded, old, ["0"], topk=2, batch_size=2, out=out, crops=False, html=False)
+    with pytest.raises(AtlasExistsError, match="different atlas"):
+        build(tiny_loaded, new, ["0"], topk=2, batch_size=2, out=out, crops=False,
+              html=False, resume=True)
+
+
+def test_a_finished_atlas_of_other_weights_is_not_resumed(tiny_loaded: Any,
+                                                          tmp_path: Path) -> None:
+    """Same architecture and data, one weight changed: every activation differs, so the
+    old atlas must not be handed back on ``resume=True``."""
+    import copy
+
+    out = tmp_path / "atlas"
+    data = _tensor_data(2)
+    build(tiny_loaded, data, ["0"], topk=2, batch_size=2, out=out, crops=False, html=False)
+    module = copy.deepcopy(tiny_loaded.module)
+    with torch.no_grad():
+        module[0].weight[0, 0, 0, 0] += 1.0
+    other = dataclasses.replace(tiny_loaded, module=module)
+    with pytest.raises(AtlasExistsError, match="different atlas"):
+        build(other, data, ["0"], topk=2, batch_size=2, out=out, crops=False, html=False,
+              resume=True)
+
+def test_layers_without_a_receptive_field_crop_the_whole_non_square_input(
+        tiny_loaded: Any) -> None:
+    """The Linear head has no receptive field: its boxes are the whole 36 x 60 input,
+    (top, left, bottom, right) = (0, 0, 36, 60), not a transposed 60 x 36 box."""
+    atlas = build(tiny_loaded, _tensor_data(3), ["7"], topk=2, batch_size=2, crops=False,
+                  html=False)
+    assert atlas.meta["layers"]["7"]["receptive_field"] is None
+    boxes = atlas.boxes("7")
+    assert boxes.shape == (5, 2, 4)
+    assert (boxes == np.array([0, 0, 36, 60])).all()

@@ -9,11 +9,15 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from convscope.atlas import Atlas, build
+from convscope.atlas.build import _merge_exports
+from convscope.atlas.stats import ChannelStats
 
 LAYERS = ["0", "3"]
 
@@ -174,3 +178,42 @@ def test_ranks_decide_together_after_a_crash_between_checkpoint_removals(
         assert got["images"] == finished.images
         assert got["index"] == finished.topk("3")[0].tolist()
     assert not list(out.glob("checkpoint*"))  # the stale checkpoint is gone too
+
+
+# Cases a mutation run (stop 20) found unpinned.
+
+
+def _export(stats: ChannelStats, classes: list[int], probs: list[float],
+            failures: dict[int, str]) -> dict[str, Any]:
+    return {"stats": {"conv": stats.state_dict()},
+            "pred_class": torch.tensor(classes, dtype=torch.int32),
+            "pred_prob": torch.tensor(probs, dtype=torch.float32), "failures": failures}
+
+
+def test_gathered_exports_keep_every_ranks_predictions_and_top_images() -> None:
+    """``_merge_exports`` of two ranks (images 0-2 and 3-5): class 0 is a real prediction
+    (only -1 means none) and every rank's probabilities are kept; the merged top-k over
+    non-square maps equals a numpy ranking of all six images."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 2, 2, 3, generator=g)
+    ranks = []
+    for lo, hi in ((0, 3), (3, 6)):
+        stats = ChannelStats(2, 2)
+        stats.update(x[lo:hi], torch.arange(lo, hi))
+        ranks.append(stats)
+    exports = [
+        _export(ranks[0], [2, 0, 1, -1, -1, -1], [0.5, 0.6, 0.7, 0, 0, 0], {}),
+        _export(ranks[1], [-1, -1, -1, 0, 3, 0], [0, 0, 0, 0.8, 0.9, 0.4], {4: "bad"}),
+    ]
+    merged = _merge_exports(exports, torch.device("cpu"))
+    assert merged["pred_class"].tolist() == [2, 0, 1, 0, 3, 0]
+    np.testing.assert_allclose(merged["pred_prob"].numpy(), [0.5, 0.6, 0.7, 0.8, 0.9, 0.4])
+    assert merged["failures"] == {4: "bad"}
+    top = merged["stats"]["conv"]["top"]["max"]
+    flat = x.flatten(2).numpy()
+    peak, arg = flat.max(-1), flat.argmax(-1)
+    for c in range(2):
+        order = np.lexsort((np.arange(6), -peak[:, c]))[:2]
+        assert top["index"][c].tolist() == order.tolist()
+        assert top["location"][c].tolist() == [[int(arg[i, c]) // 3, int(arg[i, c]) % 3]
+                                               for i in order]

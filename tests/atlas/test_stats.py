@@ -314,3 +314,73 @@ def test_compiled_and_eager_give_identical_statistics(monkeypatch):
     hist, nans = _numpy_histogram(big, np.array(edges))
     np.testing.assert_array_equal(results[1]["hist"].numpy(), hist)
     assert "fn" in stats_module._compiled
+
+
+# Cases a mutation run (stop 20) found unpinned.
+
+
+def _nan_batches() -> list[torch.Tensor]:
+    """Four batches (3 images x 2 channels x 3 x 5) with NaN in known places of both
+    channels, spread over the batches (so over the shards made of them)."""
+    g = torch.Generator().manual_seed(11)
+    batches = [torch.randn(3, 2, 3, 5, generator=g) for _ in range(4)]
+    batches[0][1, 0, 2, 4] = float("nan")
+    batches[1][0, 1, 0, 0] = float("nan")
+    batches[1][2, 1, 1, 3] = float("nan")
+    batches[3][0, 0, :, 1] = float("nan")  # a column: 3 values
+    return batches
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_merged_shards_keep_the_nan_counts_of_every_shard(native: bool) -> None:
+    """Two shards (two batches each) merged: per-channel NaN counts equal numpy's count
+    over all the data, the histogram rows add up to ``count - nan``, and the merge equals
+    one pass. A merge that forgot the other shard's NaN would under-report them."""
+    batches = _nan_batches()
+    shards = []
+    for part in ((0, 1), (2, 3)):
+        stats = ChannelStats(2, 3)
+        for b in part:
+            stats.update(batches[b], torch.arange(3 * b, 3 * b + 3), native=native)
+        shards.append(stats)
+    merged = ChannelStats(2, 3)
+    for shard in reversed(shards):
+        merged.merge(ChannelStats.from_state_dict(shard.state_dict()))
+    values = torch.cat(batches).transpose(0, 1).reshape(2, -1).numpy()
+    want_nan = np.isnan(values).sum(1)
+    assert want_nan.tolist() == [4, 2]  # the data really has NaN in both channels
+    summary = merged.summary()
+    np.testing.assert_array_equal(summary["nan"].numpy(), want_nan)
+    np.testing.assert_array_equal(summary["count"].numpy(), [values.shape[1]] * 2)
+    np.testing.assert_array_equal(summary["histogram"].numpy().sum(1),
+                                  values.shape[1] - want_nan)
+    finite = [row[~np.isnan(row)] for row in values]
+    want_hist = np.stack([np.bincount(np.searchsorted(np.array(DEFAULT_EDGES), row,
+                                                      side="left"),
+                                      minlength=len(DEFAULT_EDGES) + 1) for row in finite])
+    np.testing.assert_array_equal(summary["histogram"].numpy(), want_hist)
+    whole = ChannelStats(2, 3)
+    for b, x in enumerate(batches):
+        whole.update(x, torch.arange(3 * b, 3 * b + 3), native=native)
+    np.testing.assert_array_equal(whole.summary()["nan"].numpy(), want_nan)
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_minus_infinity_without_nan_lands_in_the_lowest_bin(native: bool) -> None:
+    """Rows holding -inf but no NaN and no +inf (their sum is -inf, not NaN): every -inf
+    is counted in bin 0 (``x <= -64``), not in the bin of +0.0, on both reductions; the
+    counts equal numpy's ``searchsorted`` over two batches of 2 x 3 maps."""
+    g = torch.Generator().manual_seed(7)
+    batches = [torch.randn(2, 2, 2, 3, generator=g) for _ in range(2)]
+    batches[0][0, 0, 1, 2] = -float("inf")
+    batches[1][1, 0, 0, 0] = -float("inf")
+    batches[1][1, 1, :, 1] = -float("inf")
+    stats = ChannelStats(2, 2)
+    for b, x in enumerate(batches):
+        stats.update(x, torch.arange(2 * b, 2 * b + 2), native=native)
+    values = torch.cat(batches).transpose(0, 1).reshape(2, -1).numpy()
+    assert not np.isnan(values).any() and not np.isposinf(values).any()
+    want = np.stack([np.bincount(np.searchsorted(np.array(DEFAULT_EDGES), row, side="left"),
+                                 minlength=len(DEFAULT_EDGES) + 1) for row in values])
+    assert want[:, 0].tolist() == [2, 2]  # the -inf values, and nothing else down there
+    np.testing.assert_array_equal(stats.summary()["histogram"].numpy(), want)
+    np.testing.assert_array_equal(stats.summary()["nan"].numpy(), [0, 0])

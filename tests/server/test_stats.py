@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,3 +68,23 @@ def test_flat_and_bad_inputs():
         channel_stats([1, 2, 3])
     with pytest.raises(ValueError, match="got"):
         channel_stats(torch.zeros(2, 2, 2, 2, 2))
+
+
+# Cases a mutation run (stop 20) found unpinned.
+
+
+def test_channel_order_averages_over_the_whole_batch() -> None:
+    """Over a batch the order is by the batch average of the per-sample spatial mean or
+    max, not by the first sample: here sample 0 alone would order the channels 0, 1, 2."""
+    act = torch.zeros(2, 3, 2, 3)
+    act[0, 0] = 3.0
+    act[0, 1] = 2.0
+    act[0, 2] = 1.0
+    act[1, 0] = -3.0
+    act[1, 1] = 0.0
+    act[1, 2, 1, 2] = 60.0  # mean 10, max 60
+    maps = act.flatten(2).numpy()
+    for by, per_sample in (("mean", maps.mean(-1)), ("max", maps.max(-1))):
+        want = np.argsort(-per_sample.mean(0), kind="stable").tolist()
+        assert want[0] == 2 and want != [0, 1, 2]
+        assert channel_order(act, by) == want
