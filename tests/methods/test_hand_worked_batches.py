@@ -14,6 +14,7 @@ import copy
 
 import pytest
 import torch
+from scipy import stats
 from torch import nn
 
 from convscope.methods.cam import cam
@@ -218,7 +219,6 @@ def test_sanity_correlates_each_sample_with_its_own_original_map() -> None:
     """Per-sample Spearman of sample i's original map with sample i's map after every
     layer is randomised (one step), for the ORIGINAL model's top-1 class, averaged over a
     batch of three (non-square) samples; recomputed here with plain autograd and scipy."""
-    stats = pytest.importorskip("scipy.stats")
     torch.manual_seed(4)
     net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)).eval()
