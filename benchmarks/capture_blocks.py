@@ -55,27 +55,23 @@ def methods(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], None]]:
     exact, and the model's own memory is reused as in a plain forward)."""
     from bench_capture import _conv_names, _methods
     from convscope import capture
+    from convscope.hooks import forward_hooks
 
     def nocopy() -> None:
         with torch.no_grad(), capture(model, nn.Conv2d, copy=False):
             model(x)
 
     modules = dict(model.named_modules())
-    convs = _conv_names(model)
+    convs = {name: modules[name] for name in _conv_names(model)}
 
     def thp_copy() -> None:
         kept: list[torch.Tensor] = []
 
-        def keep(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        def keep(_name: str, _module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
             kept.append(_huge_page_empty_like(output).copy_(output))
 
-        handles = [modules[name].register_forward_hook(keep) for name in convs]
-        try:
-            with torch.no_grad():
-                model(x)
-        finally:
-            for handle in handles:
-                handle.remove()
+        with forward_hooks(convs, keep), torch.no_grad():
+            model(x)
 
     return {**_methods(model, x), "nocopy": nocopy, "thp_copy": thp_copy}
 

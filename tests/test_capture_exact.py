@@ -542,10 +542,11 @@ def test_writes_through_a_list_argument_are_seen(how):
     assert torch.equal(acts["conv"], truth)
 
 
-class EscapingWrite(nn.Module):
-    """Writes its conv's output through memory handed outside torch (NumPy, DLPack, the raw
-    storage) or through ``.data``: no version counter moves, so only a guard that sees
-    the hand-off can keep the stored value exact."""
+class WritesItsConvOutput(nn.Module):
+    """Rewrites its conv's output after the conv: through memory handed outside torch
+    (NumPy, DLPack, the raw storage or pointer) or ``.data``, where no version counter
+    moves and only a guard that sees the hand-off keeps the stored value exact; or through
+    ``x[i] = v``, an in-place op on a view at an offset, or ``out=``."""
 
     def __init__(self, how: str):
         super().__init__()
@@ -566,21 +567,33 @@ class EscapingWrite(nn.Module):
             torch.from_dlpack(h.detach()).add_(1)
         elif self.how == "storage":
             torch.tensor([], dtype=h.dtype).set_(h.untyped_storage()).add_(1)
+        elif self.how == "data_ptr":  # raw memory: no mode sees it, no version counter moves
+            ctypes.memset(h.data_ptr(), 0, h.element_size() * h.nelement())
+        elif self.how == "setitem":
+            h[0] = 0.0
+        elif self.how == "offset view":  # a view that starts past the storage's beginning
+            h[1:].zero_()
+        elif self.how == "out=":  # an out-of-place op told to write into (an alias of) h
+            torch.mul(h.detach(), 0.0, out=h.detach())
         else:  # ".data": its own version counter, the same memory
             h.data.mul_(2)
         return h * 1
 
 
-ESCAPES = ["numpy", "numpy view", "array protocol", "dlpack", "storage", ".data"]
+WRITES = ["numpy", "numpy view", "array protocol", "dlpack", "storage", "data_ptr", ".data",
+          "setitem", "offset view", "out="]
 
 
-@pytest.mark.parametrize("how", ESCAPES)
+@pytest.mark.parametrize("how", WRITES)
 @pytest.mark.parametrize("grad_mode", ["no_grad", "enable_grad", "inference_mode"])
 @pytest.mark.parametrize("copy", ["auto", True])
-def test_writes_through_memory_handed_outside_torch_are_never_stored(how, grad_mode, copy):
-    """NumPy's ``+=`` on ``h.detach().numpy()`` used to rewrite the stored alias with no
-    error under the default: the guard now copies before the memory leaves torch."""
-    net = EscapingWrite(how).eval()
+def test_each_kind_of_write_after_the_conv_leaves_its_true_value(how, grad_mode, copy):
+    """Every kind of write makes the guard copy the stored output first: the stored value
+    is the conv's and no CaptureIntegrityError is raised (the guard saw the write, it did
+    not guess). NumPy's ``+=`` on ``h.detach().numpy()`` used to rewrite the stored alias
+    with no error under the default."""
+    torch.manual_seed(0)
+    net = WritesItsConvOutput(how).eval()
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
         truth = net.conv(x)
@@ -588,6 +601,7 @@ def test_writes_through_memory_handed_outside_torch_are_never_stored(how, grad_m
         plain = net(x)
         with capture(net, "conv", copy=copy) as acts:
             out = net(x)
+    assert not torch.equal(plain, truth)  # the forward did rewrite that memory
     assert torch.equal(out, plain)
     assert torch.equal(acts["conv"], truth)
     assert _hook_count(net) == 0 and torch._C._len_torch_function_stack() == 0
@@ -800,47 +814,6 @@ def test_stored_values_are_freed_with_the_activations_without_garbage_collection
 
 
 # Rules of the write guard that a mutation run (stop 20) found unpinned.
-
-
-class _WritesConvOutput(nn.Module):
-    """A conv whose output the forward then rewrites in place, in one of several ways."""
-
-    def __init__(self, how: str) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.how = how
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv(x)
-        if self.how == "setitem":
-            h[0] = 0.0  # Tensor.__setitem__
-        elif self.how == "view":
-            h[1:].zero_()  # a view that starts past the beginning of the storage
-        elif self.how == "out=":
-            torch.mul(h, 0.0, out=h)  # an out-of-place op told to write into h
-        elif self.how == "data_ptr":
-            # Raw memory: no torch-function mode sees this write and no version counter moves.
-            ctypes.memset(h.data_ptr(), 0, h.element_size() * h.nelement())
-        else:
-            raise AssertionError(self.how)
-        return h
-
-
-@pytest.mark.parametrize("how", ["setitem", "view", "out=", "data_ptr"])
-def test_each_kind_of_write_into_a_stored_output_leaves_its_true_value(how: str) -> None:
-    """``x[i] = v``, an in-place op on a view at an offset, ``out=`` and a write through
-    ``data_ptr()`` must each make the guard copy the stored conv output first: the stored
-    value is the conv's, not zeros, and no CaptureIntegrityError is raised (the guard saw
-    the write, it did not guess)."""
-    torch.manual_seed(0)
-    net = _WritesConvOutput(how).eval()
-    x = torch.randn(2, 3, 6, 6)
-    with torch.no_grad():
-        expected = net.conv(x)
-        with capture(net, "conv") as acts:
-            out = net(x)
-    assert not torch.equal(out, expected)  # the forward did rewrite that memory
-    assert torch.equal(acts["conv"], expected)
 
 
 class _Transpose(nn.Module):

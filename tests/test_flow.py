@@ -312,10 +312,73 @@ class ReboundSelf(_Block):
         return self(out)
 
 
+class NestedUnderTry(nn.Module):
+    """``self.bn(self.conv(x))`` inside ``try``: the BatchNorm (built for the wrong channel
+    count) raises, and the handler reaches the conv output through the traceback's frames,
+    as any code given the exception can, and writes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.bn(self.conv(x))
+        except RuntimeError as error:
+            tb = error.__traceback__
+            while tb is not None:
+                held = tb.tb_frame.f_locals.get("input")
+                if isinstance(held, torch.Tensor):
+                    held.zero_()
+                    return held
+                tb = tb.tb_next
+            raise
+
+
+class Side(nn.Module):
+    """Holds a child named like the parent's stock reader, but one that writes its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.ReLU(inplace=True)
+
+
+class ReaderOfAnotherOwner(nn.Module):
+    """``other.bn(self.conv(x))``: the enclosing call's owner is not ``self``, so the
+    ``bn`` that reads the conv output is ``other.bn`` (in place), not ``self.bn``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.side = Side()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        other = self.side
+        return other.bn(self.conv(x))
+
+
+class ShadowedReader(nn.Module):
+    """``self.bn`` is registered as a stock BatchNorm, but an instance attribute of the
+    same name (set past ``nn.Module.__setattr__``) wins the lookup: an in-place ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.__dict__["bn"] = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        out = self.bn(out)
+        return out
+
+
 REFUSED = [AliasCopy, ReadThenWrite, InplaceReader, Branch, BranchSkipsKill, DataAlias, TwoArguments,
            TryHandler, HelperMethodWrites, ViaGetattr, SubclassReader, SubclassKeepsForward,
            PropertyReader,
-           ReboundSelf]
+           ReboundSelf, NestedUnderTry, ReaderOfAnotherOwner, ShadowedReader]
 
 
 @pytest.mark.parametrize("kind", REFUSED, ids=lambda k: k.__name__)
@@ -659,115 +722,3 @@ def test_stock_readers_return_new_memory_and_leave_their_input_alone(kind):
                 out = module(value)
             assert out.untyped_storage().data_ptr() != value.untyped_storage().data_ptr()
             assert value._version == version and torch.equal(value.detach(), before)
-
-
-# Proof rules that a mutation run (stop 20) found unpinned.
-
-
-class _NestedUnderTry(nn.Module):
-    """``self.bn(self.conv(x))`` inside ``try``: the BatchNorm (built for the wrong channel
-    count) raises, and the handler reaches the conv output through the traceback's frames,
-    as any code given the exception can, and writes it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        try:
-            return self.bn(self.conv(x))
-        except RuntimeError as error:
-            tb = error.__traceback__
-            while tb is not None:
-                held = tb.tb_frame.f_locals.get("input")
-                if isinstance(held, torch.Tensor):
-                    held.zero_()
-                    return held
-                tb = tb.tb_next
-            raise
-
-
-def test_a_nested_reader_call_under_an_exception_handler_is_not_proven() -> None:
-    """The flow proof for ``self.bn(self.conv(x))`` holds only where no exception handler
-    covers the call: a handler can still reach the conv output (here through the
-    traceback) and write it. Refusing the proof keeps the write guard on, which copies
-    the conv output before the write; a wrong proof would end in CaptureIntegrityError."""
-    torch.manual_seed(0)
-    net = _NestedUnderTry().eval()
-    x = torch.randn(2, 3, 6, 6)
-    with torch.no_grad():
-        expected = net.conv(x)
-        with capture(net, "conv") as acts:
-            out = net(x)
-    assert torch.equal(out, torch.zeros_like(expected))  # the handler did write it
-    assert torch.equal(acts["conv"], expected)
-
-
-class _Side(nn.Module):
-    """Holds a child named like the parent's stock reader, but one that writes its input."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bn = nn.ReLU(inplace=True)
-
-
-class _ReaderOfAnotherOwner(nn.Module):
-    """``other.bn(self.conv(x))``: the enclosing call's owner is not ``self``, so the
-    ``bn`` that reads the conv output is ``other.bn`` (in place), not ``self.bn``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
-        self.side = _Side()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        other = self.side
-        return other.bn(self.conv(x))
-
-
-def test_a_nested_reader_on_another_owner_is_not_proven() -> None:
-    """A nested call proves its argument's producer only when the reader is the caller's
-    own child: resolving ``bn`` on ``self`` (a stock BatchNorm) while ``other.bn`` runs
-    (an in-place ReLU) would leave the conv output unguarded while it is rewritten."""
-    torch.manual_seed(0)
-    net = _ReaderOfAnotherOwner().eval()
-    x = torch.randn(2, 3, 6, 6)
-    with torch.no_grad():
-        expected = net.conv(x)
-        with capture(net, "conv") as acts:
-            out = net(x)
-    assert (expected < 0).any() and torch.equal(out, expected.relu())
-    assert torch.equal(acts["conv"], expected)
-
-
-class _ShadowedReader(nn.Module):
-    """``self.bn`` is registered as a stock BatchNorm, but an instance attribute of the
-    same name (set past ``nn.Module.__setattr__``) wins the lookup: an in-place ReLU."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
-        self.__dict__["bn"] = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv(x)
-        out = self.bn(out)
-        return out
-
-
-def test_a_reader_shadowed_by_an_instance_attribute_is_not_proven() -> None:
-    """The reader a proof checks must be the one the code calls: an instance attribute
-    shadows the registered child, so the registered BatchNorm proves nothing and the
-    conv output (rewritten by the ReLU that really runs) is stored as the conv made it."""
-    torch.manual_seed(0)
-    net = _ShadowedReader().eval()
-    x = torch.randn(2, 3, 6, 6)
-    with torch.no_grad():
-        expected = net.conv(x)
-        with capture(net, "conv") as acts:
-            out = net(x)
-    assert (expected < 0).any() and torch.equal(out, expected.relu())
-    assert torch.equal(acts["conv"], expected)

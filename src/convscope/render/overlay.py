@@ -66,8 +66,9 @@ def overlay(image: Any, heatmap: Any, alpha: float = 0.5, cmap: str = "jet") -> 
     """Blend a coloured ``heatmap`` (values in [0, 1]) over ``image``; returns a PIL image.
 
     ``image`` is a PIL image, an HxW(x3) array (uint8 or [0, 1] floats) or a (3, H, W)
-    tensor in [0, 1] (one that also reads as H x W x C, such as (3, 6, 3), is refused); ``heatmap`` is (H', W') and is resized (bilinear) to the image. Each
-    pixel is ``(1 - alpha) * image + alpha * cmap(heatmap)``. Inputs are not modified.
+    tensor in [0, 1] (one that also reads as H x W x C, such as (3, 6, 3), is refused);
+    ``heatmap`` is (H', W') and is resized (bilinear) to the image. Each pixel is
+    ``(1 - alpha) * image + alpha * cmap(heatmap)``. Inputs are not modified.
     """
     from PIL import Image
 
